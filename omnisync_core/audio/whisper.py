@@ -1,0 +1,273 @@
+"""Whisper audio encoder (Radford et al. 2022) in plain PyTorch.
+
+The module tree and state-dict keys follow openai/whisper's ``AudioEncoder`` (``conv1``, ``conv2``,
+``positional_embedding``, ``blocks.N.{attn,attn_ln,mlp,mlp_ln}``, ``ln_post``), so its checkpoints load as
+they are; Hugging Face ``transformers`` Whisper checkpoints load through :func:`convert_hf_whisper_encoder`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..errors import InputError
+
+__all__ = [
+    "WhisperEncoderConfig",
+    "WHISPER_PRESETS",
+    "WhisperEncoder",
+    "WhisperWeightsError",
+    "sinusoids",
+    "convert_hf_whisper_encoder",
+    "to_openai_whisper_encoder",
+    "load_whisper_encoder_state_dict",
+    "infer_whisper_config",
+    "whisper_encoder_from_state_dict",
+    "load_whisper_encoder",
+]
+
+
+class WhisperWeightsError(InputError):
+    """A Whisper encoder state dict does not fit the model (missing, unexpected or mis-shaped keys)."""
+
+
+@dataclass(frozen=True)
+class WhisperEncoderConfig:
+    """Shape of a Whisper encoder; ``n_ctx`` is the number of output frames for 30 s (1500 = 3000 mel / 2)."""
+
+    n_mels: int = 80
+    n_ctx: int = 1500
+    d_model: int = 384
+    n_heads: int = 6
+    n_layers: int = 4
+
+
+WHISPER_PRESETS: dict[str, WhisperEncoderConfig] = {
+    "tiny": WhisperEncoderConfig(d_model=384, n_heads=6, n_layers=4),
+    "tiny.en": WhisperEncoderConfig(d_model=384, n_heads=6, n_layers=4),
+    "base": WhisperEncoderConfig(d_model=512, n_heads=8, n_layers=6),
+    "base.en": WhisperEncoderConfig(d_model=512, n_heads=8, n_layers=6),
+    "small": WhisperEncoderConfig(d_model=768, n_heads=12, n_layers=12),
+    "small.en": WhisperEncoderConfig(d_model=768, n_heads=12, n_layers=12),
+    "medium": WhisperEncoderConfig(d_model=1024, n_heads=16, n_layers=24),
+    "medium.en": WhisperEncoderConfig(d_model=1024, n_heads=16, n_layers=24),
+    "large-v2": WhisperEncoderConfig(d_model=1280, n_heads=20, n_layers=32),
+    "large-v3": WhisperEncoderConfig(n_mels=128, d_model=1280, n_heads=20, n_layers=32),
+}
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """Whisper's fixed positional embedding: [length, channels], sines in the first half, cosines in the second."""
+    if channels % 2:
+        raise InputError(f"The Whisper positional embedding needs an even width, got {channels}.")
+    half = channels // 2
+    step = math.log(max_timescale) / (half - 1)
+    inv_timescales = torch.exp(-step * torch.arange(half, dtype=torch.float64))
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_timescales[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the weight/input dtype (as openai/whisper does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Bidirectional self-attention; ``key`` has no bias (a key bias cannot change the softmax)."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model, bias=False)
+        self.value = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (rearrange(p(x), "b t (h d) -> b h t d", h=self.n_heads) for p in (self.query, self.key, self.value))
+        return self.out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b t (h d)"))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)) with a 4x GELU MLP."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.attn = MultiHeadAttention(d_model, n_heads)
+        self.attn_ln = LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.mlp_ln = LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_ln(x))
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class WhisperEncoder(nn.Module):
+    """Whisper audio encoder: log-mel [B, n_mels, T] (T <= 2 * n_ctx) -> features [B, ceil(T / 2), d_model]."""
+
+    def __init__(self, config: WhisperEncoderConfig | str = WhisperEncoderConfig()):
+        super().__init__()
+        if isinstance(config, str):
+            if config not in WHISPER_PRESETS:
+                raise InputError(f"Unknown Whisper preset {config!r}; choose one of {', '.join(WHISPER_PRESETS)}.")
+            config = WHISPER_PRESETS[config]
+        if config.d_model % config.n_heads:
+            raise InputError(f"Whisper d_model {config.d_model} is not divisible by n_heads {config.n_heads}.")
+        self.config = config
+        d = config.d_model
+        self.conv1 = nn.Conv1d(config.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(config.n_ctx, d))
+        self.blocks = nn.ModuleList(ResidualAttentionBlock(d, config.n_heads) for _ in range(config.n_layers))
+        self.ln_post = LayerNorm(d)
+
+    def forward(
+        self, mel: torch.Tensor, output_hidden_states: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encode log-mel frames.
+
+        Returns the final (``ln_post``-normalised) features, or with ``output_hidden_states`` the pair
+        ``(final, [output of block 0, ..., output of block n_layers - 1])`` (block outputs are not normalised).
+        """
+        cfg = self.config
+        if mel.ndim != 3 or mel.shape[1] != cfg.n_mels:
+            raise InputError(f"Whisper expects log-mel of shape [batch, {cfg.n_mels}, frames], got {list(mel.shape)}.")
+        if not 0 < mel.shape[-1] <= 2 * cfg.n_ctx:
+            raise InputError(f"Whisper takes 1 to {2 * cfg.n_ctx} mel frames per chunk, got {mel.shape[-1]}.")
+        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        hidden = []
+        for block in self.blocks:
+            x = block(x)
+            hidden.append(x)
+        x = self.ln_post(x)
+        return (x, hidden) if output_hidden_states else x
+
+
+# --- state-dict layouts -------------------------------------------------------------------------
+
+_HF_LAYER_RENAMES = {
+    "self_attn.q_proj": "attn.query",
+    "self_attn.k_proj": "attn.key",
+    "self_attn.v_proj": "attn.value",
+    "self_attn.out_proj": "attn.out",
+    "self_attn_layer_norm": "attn_ln",
+    "fc1": "mlp.0",
+    "fc2": "mlp.2",
+    "final_layer_norm": "mlp_ln",
+}
+_HF_TOP_RENAMES = {"embed_positions.weight": "positional_embedding", "layer_norm.weight": "ln_post.weight",
+                   "layer_norm.bias": "ln_post.bias"}
+_HF_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _encoder_part(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Keep only the encoder's entries of a full-model state dict, with the encoder prefix stripped."""
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return dict(state_dict)
+
+
+def _layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    keys = list(state_dict)
+    if any(".self_attn." in k or "embed_positions" in k or re.search(r"(^|\.)layers\.\d+\.", k) for k in keys):
+        return "hf"
+    return "openai"
+
+
+def convert_hf_whisper_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a transformers ``WhisperEncoder`` / ``WhisperModel`` / ``WhisperForConditionalGeneration`` state dict
+    to our (openai/whisper) encoder layout; decoder entries are dropped, unknown encoder keys are kept as they are
+    so that loading reports them."""
+    sd = _encoder_part(state_dict, ("model.encoder.", "encoder."))
+    out = {}
+    for key, value in sd.items():
+        match = _HF_LAYER_KEY.match(key)
+        if key in _HF_TOP_RENAMES:
+            key = _HF_TOP_RENAMES[key]
+        elif match and match.group(2) in _HF_LAYER_RENAMES:
+            key = f"blocks.{match.group(1)}.{_HF_LAYER_RENAMES[match.group(2)]}.{match.group(3)}"
+        out[key] = value
+    return out
+
+
+def to_openai_whisper_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Normalise an openai-layout (optionally ``encoder.``-prefixed) or Hugging Face state dict to our layout."""
+    if _layout(state_dict) == "hf":
+        return convert_hf_whisper_encoder(state_dict)
+    return _encoder_part(state_dict, ("model.encoder.", "encoder."))
+
+
+def load_whisper_encoder_state_dict(
+    model: WhisperEncoder, state_dict: Mapping[str, torch.Tensor]
+) -> WhisperEncoder:
+    """Load openai/whisper or Hugging Face encoder weights strictly into ``model`` (in place; returns it).
+
+    ``positional_embedding`` may be absent: it is fixed (sinusoids) and the computed one is kept.
+    Raises :class:`WhisperWeightsError` naming every missing, unexpected and mis-shaped key.
+    """
+    sd = to_openai_whisper_encoder(state_dict)
+    own = model.state_dict()
+    sd.setdefault("positional_embedding", own["positional_embedding"])
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = [f"{k} {list(sd[k].shape)} vs model {list(own[k].shape)}"
+                  for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{label}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+                 if items]
+        raise WhisperWeightsError(f"Whisper encoder weights do not fit the {model.config} model ({'; '.join(parts)}).")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def infer_whisper_config(
+    state_dict: Mapping[str, torch.Tensor], n_heads: int | None = None, head_dim: int = 64
+) -> WhisperEncoderConfig:
+    """Read the encoder shape from a state dict (either layout).
+
+    The head count is not visible in the shapes; every released Whisper uses 64-wide heads, hence
+    ``n_heads = d_model // head_dim`` unless ``n_heads`` is given.
+    """
+    sd = to_openai_whisper_encoder(state_dict)
+    if "conv1.weight" not in sd:
+        raise WhisperWeightsError("This state dict holds no Whisper encoder (no conv1.weight key).")
+    d_model, n_mels = sd["conv1.weight"].shape[:2]
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    n_ctx = sd["positional_embedding"].shape[0] if "positional_embedding" in sd else 1500
+    return WhisperEncoderConfig(n_mels=int(n_mels), n_ctx=int(n_ctx), d_model=int(d_model),
+                                n_heads=n_heads or max(1, int(d_model) // head_dim), n_layers=len(blocks))
+
+
+def whisper_encoder_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], n_heads: int | None = None, dtype: torch.dtype | None = None
+) -> WhisperEncoder:
+    """Build a :class:`WhisperEncoder` shaped after ``state_dict`` and load it (eval mode)."""
+    config = infer_whisper_config(state_dict, n_heads=n_heads)
+    model = load_whisper_encoder_state_dict(WhisperEncoder(config), state_dict).eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+def load_whisper_encoder(path: str, n_heads: int | None = None, dtype: torch.dtype | None = None) -> WhisperEncoder:
+    """Load a Whisper encoder from a ``.safetensors`` file in openai or Hugging Face layout."""
+    from safetensors.torch import load_file
+
+    if not str(path).endswith(".safetensors"):
+        raise InputError(f"Whisper weights must be a .safetensors file, got {path}.")
+    return whisper_encoder_from_state_dict(load_file(str(path)), n_heads=n_heads, dtype=dtype)
+
