@@ -30,7 +30,8 @@ main_stamp="$VENV/.omnisync-main-$(stamp_of requirements.txt)"
 if [ ! -f "$main_stamp" ]; then
   echo "[setup] installing runtime dependencies and omnisync (editable)"
   pip install -r requirements.txt
-  pip install --no-deps --no-build-isolation -e . || pip install --no-deps -e .
+  pip install "setuptools>=77" wheel
+  pip install --no-deps --no-build-isolation -e .
   "$py" -c "import av, numpy, safetensors, einops, omnisync_core" || { echo "[setup] runtime install failed" >&2; exit 1; }
   rm -f "$VENV"/.omnisync-main-*; touch "$main_stamp"
 fi
