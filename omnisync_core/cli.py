@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+import time
 from typing import Optional, Sequence
 
 from . import __version__
-from .errors import OmniSyncError
+from .errors import InputError, OmniSyncError
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -46,6 +48,116 @@ def _cmd_audio_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class ProgressBar:
+    """One status line on stderr: stage, a bar, counts and an ETA (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.stage, self.started, self.last_print = None, 0.0, 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage != self.stage:
+            if self.stage is not None and self.tty:
+                self.stream.write("\n")
+            self.stage, self.started = stage, now
+        finished = total > 0 and done >= total
+        if not finished and now - self.last_print < (0.2 if self.tty else 5.0):
+            return
+        self.last_print = now
+        fraction = done / total if total > 0 else 0.0
+        elapsed = now - self.started
+        eta = elapsed / fraction - elapsed if 0 < fraction < 1 else 0.0
+        bar = "#" * int(24 * fraction)
+        line = f"{stage:>8} [{bar:<24}] {done}/{total} {elapsed:6.1f}s" + (f" ETA {eta:6.1f}s" if eta else "")
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        if finished and self.tty:
+            self.stream.write("\n")
+            self.stage = None
+        self.stream.flush()
+
+
+def _parse_box(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise InputError(f"--box takes x0,y0,x1,y1 in pixels, got {text!r}")
+    return box
+
+
+def _check_output(out: str, inputs: Sequence[str]) -> None:
+    folder = os.path.dirname(os.path.abspath(out)) or "."
+    if not os.path.isdir(folder):
+        raise InputError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder is not writable: {folder}")
+    for path in inputs:
+        if path and os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out):
+            raise InputError(f"--out would overwrite the input {path}")
+
+
+def _peak_memory() -> str:
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    text = f"peak RAM {rss:.0f} MiB"
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        text += f", peak VRAM {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    return text
+
+
+def _cmd_lipsync(args: argparse.Namespace) -> int:
+    """Lip-sync a video to an audio track with an OmniSync model."""
+    from .generator import OmniSyncGenerator, SamplerOptions
+    from .model.bundle import DEMO_MODEL, load_bundle
+    from .model.loading import resolve_device, resolve_dtype
+    from .pipeline import LipSyncOptions, LipSyncPipeline
+
+    for flag, path in (("--video", args.video), ("--audio", args.audio)):
+        if not os.path.isfile(path):
+            raise InputError(f"{flag} file not found: {path}")
+    _check_output(args.out, [args.video, args.audio])
+    model_path = args.model or DEMO_MODEL
+    if not os.path.isfile(model_path):
+        raise InputError(f"model not found: {model_path}" if args.model else
+                         "no --model given and the bundled demo model is not installed")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    bundle = load_bundle(model_path, device=device)
+    bundle.dit.to(dtype)
+    defaults = bundle.defaults
+    pick = lambda value, key, fallback: value if value is not None else defaults.get(key, fallback)
+    sampler = SamplerOptions(steps=pick(args.steps, "steps", 50), tau=pick(args.tau, "tau", 0.92),
+                             shift=defaults.get("shift", 5.0), guidance=args.guidance)
+    options = LipSyncOptions(window=pick(args.window, "window", 81), overlap=pick(args.overlap, "overlap", 8),
+                             crop_size=pick(args.crop_size, "crop_size", 512), seed=args.seed,
+                             length_policy=args.length_policy, face_index=args.face_index, box=_parse_box(args.box),
+                             audio_before=defaults.get("audio_before", 2), audio_after=defaults.get("audio_after", 2),
+                             color_match=args.color_match)
+    analyzer = None
+    if args.detector != "none":
+        from .face.analyze import FaceAnalyzer
+
+        analyzer = FaceAnalyzer(device=device, detector=args.detector)
+    generator = OmniSyncGenerator(bundle.dit, bundle.vae, sampler, device=device, dtype=dtype)
+    pipeline = LipSyncPipeline(generator, bundle.audio_encoder, analyzer, options)
+    report = pipeline.run(args.video, args.audio, args.out, progress=ProgressBar())
+    print(f"wrote {report.output}: {report.frames} frames at {float(report.fps):.3f} fps "
+          f"({report.frames / float(report.fps):.2f} s) in {report.windows} windows; "
+          f"{report.seconds:.1f} s total, {report.seconds_per_output_second:.2f} s per output second; "
+          f"{_peak_memory()}")
+    for warning in report.warnings:
+        print(f"note: {warning}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnisync", description="OmniSync: audio-driven lip sync of any video.")
     parser.add_argument("--version", action="version", version=f"omnisync {__version__}")
@@ -56,7 +168,39 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", help="audio or video file (any format FFmpeg reads)")
     info.add_argument("--fps", default="25", help="video frame rate, e.g. 25, 29.97 or 30000/1001 (default 25)")
     info.set_defaults(handler=_cmd_audio_info)
+    _add_lipsync_parser(commands)
     return parser
+
+
+def _add_lipsync_parser(commands) -> None:
+    from .timeline import DEFAULT_LENGTH_POLICY, LENGTH_POLICIES
+
+    run = commands.add_parser("lipsync", help="lip-sync a video to an audio track",
+                              description="Make the mouth in VIDEO follow AUDIO; writes OUT (H.264 + AAC).")
+    run.add_argument("--video", required=True, help="input video (any format FFmpeg reads)")
+    run.add_argument("--audio", required=True, help="speech to follow (any audio or video file)")
+    run.add_argument("--out", required=True, help="output video, e.g. out.mp4 (written only when complete)")
+    run.add_argument("--model", help="OmniSync model bundle (.safetensors); default: the bundled demo model")
+    run.add_argument("--steps", type=int, help="sampling steps of the full schedule (model default, usually 50)")
+    run.add_argument("--tau", type=float, help="progressive-init noise level in [0, 1] (default 0.92)")
+    run.add_argument("--window", type=int, help="frames per window, 4k+1 (model default, usually 81)")
+    run.add_argument("--overlap", type=int, help="frames shared by neighbouring windows (default 8)")
+    run.add_argument("--crop-size", type=int, help="face crop side in pixels (model default)")
+    run.add_argument("--guidance", default="ds-cfg", choices=["ds-cfg", "cfg", "none"],
+                     help="audio guidance: spatio-temporal DS-CFG (default), plain CFG, or none")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps (default auto)")
+    run.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    run.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same output")
+    run.add_argument("--face-index", type=int, help="which face to edit when several are visible, 0 = leftmost")
+    run.add_argument("--box", help="face box x0,y0,x1,y1 in pixels, used where no face is detected")
+    run.add_argument("--detector", default="auto", choices=["auto", "short", "full", "none"],
+                     help="face detector: auto (short range, full range as fallback), short, full, or none "
+                          "(use --box or the frame centre)")
+    run.add_argument("--length-policy", default=DEFAULT_LENGTH_POLICY, choices=list(LENGTH_POLICIES),
+                     help="when audio and video lengths differ: pingpong/loop/hold extend the video to the audio, "
+                          "trim stops at the shorter, video keeps the video length (default pingpong)")
+    run.add_argument("--color-match", action="store_true", help="match the edited face's colours to the source")
+    run.set_defaults(handler=_cmd_lipsync)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -55,3 +55,13 @@ def log_sweep(rate: int, seconds: float, f0: float, f1: float) -> np.ndarray:
     t = np.arange(int(round(rate * seconds))) / rate
     k = np.log(f1 / f0) / t[-1]
     return np.sin(2 * np.pi * f0 * (np.exp(k * t) - 1) / k)
+
+
+@pytest.fixture(scope="session")
+def short_speech_wav(tmp_path_factory) -> Path:
+    """About one second of espeak-ng speech, for end-to-end runs of real models on the CPU."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (scripts/test.sh installs it where apt is available)")
+    path = tmp_path_factory.mktemp("speech") / "short.wav"
+    subprocess.run(["espeak-ng", "-s", "190", "-w", str(path), "Hello there."], check=True, capture_output=True)
+    return path

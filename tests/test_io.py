@@ -333,7 +333,7 @@ def test_unwritable_or_bad_destination_fails_before_work(tmp_path):
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path, short_mp4):
-    cases = {"missing.mp4": None, "empty.mp4": b"", "garbage.mp4": os.urandom(4096)}
+    cases = {"missing.mp4": None, "empty.mp4": b"", "garbage.mp4": b"definitely not a video file " * 150}
     for name, content in cases.items():
         if content is not None:
             (tmp_path / name).write_bytes(content)

@@ -40,7 +40,7 @@ __all__ = [
     "validate_state_dict", "resolve_device", "resolve_dtype", "resolve_model_path",
 ]
 
-KINDS = ("dit", "vae", "whisper")
+KINDS = ("dit", "vae", "whisper", "bundle")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 _ST_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -496,14 +496,14 @@ def _vae_config(d: dict) -> WanVAEConfig:
         raise CheckpointError(f"The VAE config in the checkpoint metadata is invalid ({e}).") from None
 
 
-def load_vae(path_or_sd, device=None, dtype=None) -> WanVAE:
-    """Load the Wan2.1 VAE (original or diffusers names) from safetensors or a state dict; config from the
-    metadata or inferred from the shapes; meta-device build, eval mode."""
+def load_vae(path_or_sd, device=None, dtype=None, config: "dict | None" = None) -> WanVAE:
+    """Load the Wan2.1 VAE (original or diffusers names) from safetensors or a state dict; config from
+    ``config``, the metadata, or inferred from the shapes; meta-device build, eval mode."""
     device, dtype = _target(device, dtype)
     sd, meta, name = _source(path_or_sd, "vae", device)
     if is_diffusers_vae(sd):
         sd = diffusers_to_wan_vae(sd)
-    cfg_dict = _meta_config(meta, name)
+    cfg_dict = config if config is not None else _meta_config(meta, name)
     cfg = _vae_config(cfg_dict) if cfg_dict is not None else WanVAEConfig.from_state_dict(sd)
     with torch.device("meta"):
         model = WanVAE(cfg)
@@ -515,13 +515,13 @@ def load_vae(path_or_sd, device=None, dtype=None) -> WanVAE:
     return _assign(model, _cast(sd, device, dtype))
 
 
-def load_whisper(path_or_sd, device=None, dtype=None) -> WhisperEncoder:
-    """Load a Whisper encoder (openai or Hugging Face names) from safetensors or a state dict; config from the
-    metadata or inferred from the shapes (64-wide heads); meta-device build, eval mode."""
+def load_whisper(path_or_sd, device=None, dtype=None, config: "dict | None" = None) -> WhisperEncoder:
+    """Load a Whisper encoder (openai or Hugging Face names) from safetensors or a state dict; config from
+    ``config``, the metadata, or inferred from the shapes (64-wide heads); meta-device build, eval mode."""
     device, dtype = _target(device, dtype)
     sd, meta, name = _source(path_or_sd, "whisper", device)
     sd = to_openai_whisper_encoder(sd)
-    cfg_dict = _meta_config(meta, name)
+    cfg_dict = config if config is not None else _meta_config(meta, name)
     try:
         cfg = WhisperEncoderConfig(**cfg_dict) if cfg_dict is not None else infer_whisper_config(sd)
     except TypeError as e:
