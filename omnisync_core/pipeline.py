@@ -97,14 +97,6 @@ class LipSyncReport:
         return self.seconds / max(self.frames / float(self.fps), 1e-9)
 
 
-def _to_float(frames: Tensor) -> Tensor:
-    return frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames.float()
-
-
-def _to_uint8(frames: Tensor) -> Tensor:
-    return frames.clamp(0, 1).mul(255.0).round_().to(torch.uint8)
-
-
 def analyze_faces(frames_iter: Iterator[Tensor], analyzer: Optional[FaceAnalyzer], frame_hw: tuple[int, int],
                   options: LipSyncOptions, progress: Optional[ProgressFn] = None,
                   total: int = 0) -> FaceTrack:
@@ -237,9 +229,8 @@ class LipSyncPipeline:
                     if finished.shape[0]:
                         local = slice(first - window.start, first - window.start + finished.shape[0])
                         span = slice(first, first + finished.shape[0])
-                        pasted = paste_back(_to_float(frames[local]), finished, params[span], editable[span],
-                                            feather=opts.feather, color_match=opts.color_match)
-                        writer.write(_to_uint8(pasted))
+                        writer.write(paste_back(frames[local], finished, params[span], editable[span],
+                                                feather=opts.feather, color_match=opts.color_match, inplace=True))
                     if progress is not None:
                         progress("lipsync", number + 1, len(windows))
         finally:
@@ -251,7 +242,7 @@ class LipSyncPipeline:
     def _edit_window(self, frames: Tensor, window: Window, track: FaceTrack, params: CropParams, editable: Tensor,
                      features: Optional[Tensor], fps: Fraction) -> Tensor:
         span = slice(window.start, window.stop)
-        crops = crop_faces(_to_float(frames), params[span])
+        crops = crop_faces(frames, params[span])
         if not bool(editable[span].any()):
             return crops
         audio = None

@@ -65,3 +65,19 @@ def short_speech_wav(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("speech") / "short.wav"
     subprocess.run(["espeak-ng", "-s", "190", "-w", str(path), "Hello there."], check=True, capture_output=True)
     return path
+
+
+def _load_benchmark(name: str):
+    """Import a script from benchmarks/ (not a package) so tests can reuse its helpers."""
+    import importlib.util
+    import sys as _sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    _sys.modules[f"benchmarks_{name}"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_load_benchmark("memory")

@@ -217,3 +217,15 @@ def test_inplace_and_bad_shapes():
         paste_back(frames, crops[:, :16], params, track.valid)
     with pytest.raises(InputError):
         crop_faces(torch.rand(2, 32, 64, 3), params)
+
+
+def test_round_trip_uint8_frames_converts_only_the_footprint():
+    frames = (astronaut() * 255).round().to(torch.uint8)[None]
+    track, params, crops, out = round_trip(frames, ASTRONAUT_BOX)
+    assert crops.dtype == torch.float32 and 0 <= float(crops.min()) and float(crops.max()) <= 1
+    assert out.dtype == torch.uint8
+    inside = footprint_mask(params, 0, tuple(frames.shape[1:3]))
+    assert torch.equal(out[0][~inside], frames[0][~inside])
+    assert psnr(out[0][inside].float() / 255, frames[0][inside].float() / 255) >= 45.0
+    float_crops = crop_faces(frames.float() / 255, params)
+    assert (crops - float_crops).abs().max() < 1e-5

@@ -163,9 +163,15 @@ def _check_frames(frames: Tensor, params: CropParams) -> None:
         raise InputError(f"Frames are {tuple(frames.shape[1:3])} but the track was built for {params.frame_hw}.")
 
 
+def _region_float(region: Tensor) -> Tensor:
+    """A frame region as float 0..1 (uint8 frames are converted here, region by region, never whole)."""
+    return region.float().div_(255.0) if region.dtype == torch.uint8 else region.float()
+
+
 @torch.no_grad()
 def crop_faces(frames: Tensor, params: CropParams, size: Optional[int] = None) -> Tensor:
-    """Resample ``frames [T, H, W, 3]`` (float 0..1) into face crops ``[T, size, size, 3]``."""
+    """Resample ``frames [T, H, W, 3]`` (float 0..1, or uint8) into face crops ``[T, size, size, 3]`` (float 0..1
+    for uint8 frames, else the frames' dtype)."""
     size = int(size or params.size)
     _check_frames(frames, params)
     dev = frames.device
@@ -173,12 +179,13 @@ def crop_faces(frames: Tensor, params: CropParams, size: Optional[int] = None) -
     m_inv = params.frame_from_crop.cpu().clone()
     m_inv[:, :, :2] *= params.size / size
     steps = (params.size / (params.scale * size)).tolist()
-    out = torch.empty(frames.shape[0], size, size, 3, dtype=frames.dtype, device=dev)
+    out_dtype = torch.float32 if frames.dtype == torch.uint8 else frames.dtype
+    out = torch.empty(frames.shape[0], size, size, 3, dtype=out_dtype, device=dev)
     for t in range(frames.shape[0]):
         x0, y0, x1, y1 = _footprint(m_inv[t], size, params.frame_hw)
-        src = frames[t, y0:y1, x0:x1].permute(2, 0, 1)[None].float()
+        src = _region_float(frames[t, y0:y1, x0:x1]).permute(2, 0, 1)[None]
         theta = _theta(_compose(_shift(-x0, -y0), m_inv[t]), (x1 - x0, y1 - y0), (size, size))
-        out[t] = _warp(src, theta, (size, size), steps[t], CROP_MAX_STEP)[0].permute(1, 2, 0).to(frames.dtype)
+        out[t] = _warp(src, theta, (size, size), steps[t], CROP_MAX_STEP)[0].permute(1, 2, 0).to(out_dtype)
     return out
 
 
@@ -211,7 +218,7 @@ def _ring_stats(img: Tensor, ring: int) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def paste_back(frames: Tensor, crops: Tensor, params: CropParams, valid: Optional[Tensor] = None,
                feather: float = 0.1, color_match: bool = False, inplace: bool = False) -> Tensor:
-    """Blend edited ``crops [T, S, S, 3]`` back into ``frames [T, H, W, 3]`` (float 0..1).
+    """Blend edited ``crops [T, S, S, 3]`` (float 0..1) back into ``frames [T, H, W, 3]`` (float 0..1, or uint8).
 
     The crop is warped back with the inverse transform and blended with a mask that ramps (smoothstep) from 0 at
     the crop border to 1 at ``feather * S`` inside it. color_match=True first gives the edited crop the per-channel
@@ -248,6 +255,9 @@ def paste_back(frames: Tensor, crops: Tensor, params: CropParams, valid: Optiona
         # lerp with weight exactly 0 returns the frame pixel bit-exact (the crop is made finite above)
         if region.dtype == torch.float32:
             region.lerp_(warped.permute(1, 2, 0), m)
+        elif region.dtype == torch.uint8:    # uint8 frames: blend in 0..1, round back; weight 0 stays exact
+            blended = _region_float(region).lerp_(warped.permute(1, 2, 0), m).mul_(255.0).round_()
+            out[t, y0:y1, x0:x1] = torch.where(m > 0, blended, region.float()).to(torch.uint8)
         else:
             out[t, y0:y1, x0:x1] = region.float().lerp_(warped.permute(1, 2, 0), m).to(region.dtype)
     return out
