@@ -158,6 +158,38 @@ def _cmd_lipsync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_wan(args: argparse.Namespace) -> int:
+    """Turn a Wan2.1 T2V checkpoint into an OmniSync DiT initialisation (same output until trained)."""
+    from .model.loading import omnisync_from_wan, save_model
+
+    _check_output(args.out, [args.base])
+    model = omnisync_from_wan(args.base, preset=args.preset, audio_dim=args.audio_dim)
+    path = save_model(model, args.out, kind="dit")
+    counts = sum(p.numel() for p in model.parameters())
+    print(f"wrote {path}: OmniSync DiT with {counts / 1e6:.1f} M parameters (audio layers and source channels "
+          f"initialised so that it equals the Wan2.1 base)")
+    return 0
+
+
+def _cmd_check_model(args: argparse.Namespace) -> int:
+    """Load a checkpoint and report what it is, or exactly why it does not fit."""
+    from .model.bundle import load_bundle
+    from .model.loading import load_dit, read_safetensors
+
+    _, metadata = read_safetensors(args.file)
+    kind = metadata.get("kind", "unknown (no OmniSync metadata)")
+    if kind == "bundle":
+        bundle = load_bundle(args.file)
+        parts = {"DiT": bundle.dit, "VAE": bundle.vae, "audio encoder": bundle.audio_encoder}
+        summary = ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M" for name, m in parts.items())
+        print(f"{args.file}: OmniSync model bundle ({summary}); defaults {bundle.defaults}")
+    else:
+        model = load_dit(args.file)
+        print(f"{args.file}: {kind} checkpoint, OmniSync DiT with {sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
+              f" M parameters, dim {model.config.dim}, {model.config.num_layers} layers")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnisync", description="OmniSync: audio-driven lip sync of any video.")
     parser.add_argument("--version", action="version", version=f"omnisync {__version__}")
@@ -169,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--fps", default="25", help="video frame rate, e.g. 25, 29.97 or 30000/1001 (default 25)")
     info.set_defaults(handler=_cmd_audio_info)
     _add_lipsync_parser(commands)
+    wan = commands.add_parser("import-wan", help="turn a Wan2.1 T2V checkpoint into an OmniSync DiT initialisation")
+    wan.add_argument("--base", required=True, help="Wan2.1 T2V transformer weights (.safetensors; Wan or diffusers names)")
+    wan.add_argument("--out", required=True, help="where to write the OmniSync DiT (.safetensors)")
+    wan.add_argument("--preset", help="DiT preset (default: inferred from the weights)")
+    wan.add_argument("--audio-dim", type=int, default=384, help="audio feature width (384 = Whisper tiny)")
+    wan.set_defaults(handler=_cmd_import_wan)
+    check = commands.add_parser("check-model", help="load a checkpoint and report what it is or why it does not fit")
+    check.add_argument("file", help="an OmniSync bundle or DiT checkpoint (.safetensors)")
+    check.set_defaults(handler=_cmd_check_model)
     return parser
 
 

@@ -28,6 +28,7 @@ from .face.crop import CropParams, crop_faces, crop_params, mouth_in_crop, paste
 from .face.track import FaceTrack, build_track, frame_signatures, shot_changes_from_signatures
 from .face.types import FrameFaces
 from .io import VideoInfo, VideoReader, VideoWriter, probe_video
+from .memory import limit_heap_growth
 from .timeline import (DEFAULT_LENGTH_POLICY, CrossFader, Timeline, Window, plan_timeline, plan_windows,
                        source_frame_index)
 
@@ -188,6 +189,7 @@ class LipSyncPipeline:
     def run(self, video: str, audio, out: str, progress: Optional[ProgressFn] = None) -> LipSyncReport:
         """Lip-sync ``video`` to ``audio`` (a path, a Waveform or a ComfyUI AUDIO mapping) into ``out``."""
         opts, clock, stages = self.options, time.perf_counter(), {}
+        limit_heap_growth()
         info = probe_video(video)
         original = audio if isinstance(audio, Waveform) else _load_any_audio(audio)
         speech = prepare_audio(original)

@@ -33,3 +33,33 @@ def test_bad_audio_is_one_line_on_stderr(tmp_path, capsys):
     assert len(err) == 1 and "empty" in err[0]
     assert main(["audio-info", str(tmp_path / "none.wav"), "--fps", "0"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_import_wan_and_check_model(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from omnisync_core.model.dit import OmniSyncDiT, get_config
+    from omnisync_core.model.loading import load_dit
+
+    torch.manual_seed(0)
+    base = OmniSyncDiT(get_config("tiny", enable_audio=False, source_concat=False))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items() if k != "text_context"},
+              str(tmp_path / "wan.safetensors"))
+    out = tmp_path / "omnisync_init.safetensors"
+    assert main(["import-wan", "--base", str(tmp_path / "wan.safetensors"), "--out", str(out), "--preset", "tiny",
+                 "--audio-dim", "64"]) == 0
+    assert "equals the Wan2.1 base" in capsys.readouterr().out
+    model = load_dit(out)
+    assert model.config.enable_audio and model.config.source_concat and model.config.audio_dim == 64
+    x, text = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 5, 32)
+    sigma = torch.tensor([0.4])
+    with torch.no_grad():
+        assert torch.equal(model(x, sigma, source=torch.randn_like(x), audio=torch.randn(1, 5, 3, 64), text=text),
+                           base(x, sigma, text=text))
+    assert main(["check-model", str(out)]) == 0
+    assert "OmniSync DiT" in capsys.readouterr().out
+    assert main(["check-model", str(tmp_path / "wan.safetensors")]) == 0   # a plain Wan base loads too
+    capsys.readouterr()
+    assert main(["import-wan", "--base", str(out), "--out", str(tmp_path / "again.safetensors")]) == 2
+    assert "already an OmniSync checkpoint" in capsys.readouterr().err

@@ -1,0 +1,31 @@
+"""Keep long runs in constant memory on Linux.
+
+glibc raises its mmap threshold each time a large block is freed, after which frame-sized buffers (tens of MB) come
+from the heap; small tensors that outlive them (per-frame face data) then pin the heap so it can never shrink, and
+resident memory grows with every frame decoded. Fixing the threshold at 1 MiB keeps every frame buffer in its own
+mapping, returned to the system when freed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_MMAP_THRESHOLD = -3
+_done = False
+
+
+def limit_heap_growth(threshold: int = 1 << 20) -> bool:
+    """Set glibc's mmap threshold once per process (no-op elsewhere). Returns whether it was applied."""
+    global _done
+    if _done:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):   # musl or another libc without mallopt
+        _done = False
+    return _done
