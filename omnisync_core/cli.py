@@ -190,6 +190,34 @@ def _cmd_check_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) an OmniSync model from a TOML/JSON config; torchrun launches it on several GPUs."""
+    from .train.trainer import train_main
+
+    return train_main(args.config, resume=True if args.resume else None)
+
+
+def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    """Turn talking-head videos (or synthetic faces) into training shards."""
+    from .train.data import build_shards, synthetic_shards
+
+    encoder = None
+    if args.audio_encoder:
+        from .model.loading import load_whisper
+
+        encoder = load_whisper(args.audio_encoder)
+    if args.synthetic:
+        index = synthetic_shards(args.out, args.synthetic, size=args.size, seed=args.seed, audio_encoder=encoder)
+    elif args.videos:
+        from .face.analyze import FaceAnalyzer
+
+        index = build_shards(args.videos, args.out, size=args.size, analyzer=FaceAnalyzer(), audio_encoder=encoder)
+    else:
+        raise InputError("give --videos FILES_OR_FOLDER or --synthetic N")
+    print(f"wrote {index}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnisync", description="OmniSync: audio-driven lip sync of any video.")
     parser.add_argument("--version", action="version", version=f"omnisync {__version__}")
@@ -210,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-model", help="load a checkpoint and report what it is or why it does not fit")
     check.add_argument("file", help="an OmniSync bundle or DiT checkpoint (.safetensors)")
     check.set_defaults(handler=_cmd_check_model)
+    train = commands.add_parser("train", help="train an OmniSync model (torchrun for several GPUs)")
+    train.add_argument("--config", required=True, help="training config (.toml or .json)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    train.set_defaults(handler=_cmd_train)
+    data = commands.add_parser("prepare-data", help="make training shards from videos or synthetic faces")
+    data.add_argument("--out", required=True, help="folder for the shards and index.json")
+    data.add_argument("--videos", nargs="+", help="talking-head videos, or folders of them")
+    data.add_argument("--synthetic", type=int, help="render this many synthetic talking-face clips instead")
+    data.add_argument("--size", type=int, default=256, help="crop size in pixels (default 256)")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--audio-encoder", help="Whisper encoder (.safetensors) to store features; default: raw audio")
+    data.set_defaults(handler=_cmd_prepare_data)
     return parser
 
 
