@@ -68,13 +68,18 @@ class OmniSyncGenerator:
         self.step_callback = step_callback
         self.last_stats: Optional[SampleStats] = None
 
+    @property
+    def temporal_factor(self) -> int:
+        """Video frames per latent frame: 4 for the Wan VAE, the codec's own factor for a pixel codec."""
+        return int(getattr(getattr(self.vae, "config", None), "temporal_factor", 4))
+
     def _guidance(self, mouth_xy: Tensor, face_width: Tensor, crop_size: int, latent_hw: tuple[int, int]):
         opts = self.options
         if opts.guidance == "none":
             return None
         if opts.guidance == "cfg":
             return constant_guidance(opts.cfg_scale)
-        mouth, width = latent_mouths(mouth_xy, face_width, crop_size, latent_hw)
+        mouth, width = latent_mouths(mouth_xy, face_width, crop_size, latent_hw, self.temporal_factor)
         return DSCFGGuidance(mouth.unsqueeze(0).to(self.device), width.unsqueeze(0), latent_hw, opts.tau, opts.ds_cfg)
 
     @torch.no_grad()

@@ -171,3 +171,24 @@ def test_build_shards_from_videos_skips_a_clip_without_audio(tmp_path, encoder, 
     raw = LipSyncDataset(tmp_path / "raw", window=WINDOW, audio_encoder=encoder)
     assert json.loads((tmp_path / "raw" / "index.json").read_text())["audio"] == "samples"
     torch.testing.assert_close(raw[(0, 0.95, 0)]["audio"], s["audio"], atol=2e-3, rtol=0)
+
+
+def test_rendered_pseudo_pairs_differ_only_around_the_mouth(tmp_path, encoder):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    synthetic_shards(tmp_path, 2, size=32, render_size=64, seed=3, sentences=SENTENCES, audio_encoder=encoder,
+                     pseudo_pairs=True)
+    ds = LipSyncDataset(tmp_path, window=WINDOW, pair_threshold=0.5)
+    assert all(c.has_pseudo for c in ds.clips)
+    high = ds.sample(0, 0.9, torch.Generator().manual_seed(0))
+    assert high["pseudo"] and high["reference_kind"] == "rendered"
+    assert torch.equal(high["reference_frames"], high["target_frames"])     # same frames, other lips
+    diff = (high["reference"] - high["video"]).abs().amax(0)                   # [n, S, S]
+    assert diff.amax() > 0.3                                                   # the lips differ somewhere
+    mouth, width = high["mouth_xy"], high["face_width"]
+    ys, xs = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    far = ((xs - mouth[:, 0, None, None]).square() + (ys - mouth[:, 1, None, None]).square()).sqrt() \
+        > 0.45 * width[:, None, None]
+    assert diff[far].amax() < 0.05                                             # identical away from the mouth
+    low = ds.sample(0, 0.2, torch.Generator().manual_seed(0))
+    assert low["reference_kind"] == "segment" and not low["pseudo"]

@@ -266,3 +266,49 @@ def test_wan_vae_run_exports_a_loadable_bundle(shards, tmp_path):
         assert torch.equal(value, expected), name       # the bundle holds the EMA weights
     for a, b in zip(bundle.vae.state_dict().values(), tr.codec.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_mouth_loss_weights_mark_the_mouth_of_each_latent_frame():
+    from omnisync_core.train.trainer import mouth_loss_weights
+
+    n, size = 5, 32
+    mouth = torch.tensor([[8.0, 20.0]] * 3 + [[24.0, 20.0]] * 2)          # the mouth moves right at frame 3
+    sample = {"video": torch.zeros(3, n, size, size), "mouth_xy": mouth, "face_width": torch.full((n,), 16.0)}
+    w = mouth_loss_weights([sample, {"video": sample["video"]}], (2, 4, n, 8, 8), 3.0)
+    assert w.shape == (2, 1, n, 8, 8)
+    assert w[0, 0, 0, 5, 2] == 4.0 and w[0, 0, 0, 5, 6] == 1.0          # latent cell (x=2, y=5) holds the mouth
+    assert w[0, 0, 4, 5, 6] == 4.0 and w[0, 0, 4, 5, 2] == 1.0
+    assert w[0, 0, :, 0].eq(1).all() and w[1].eq(1).all()               # far rows, and a sample with no mouth
+
+
+def test_pixel_codec_run_with_mouth_weighting_exports_a_half_precision_bundle(shards, tmp_path):
+    from omnisync_core.generator import OmniSyncGenerator, SamplerOptions
+    from omnisync_core.model.bundle import load_bundle, save_bundle
+    from omnisync_core.model.pixel_codec import PixelCodec
+
+    torch.manual_seed(0)
+    whisper = WhisperEncoder(WhisperEncoderConfig(d_model=32, n_heads=2, n_layers=1)).eval()
+    cfg = _config(tmp_path, codec="pixel", codec_options={"spatial_factor": 4, "scale": 0.5}, steps=2,
+                  mouth_loss_weight=4.0, bundle=True)
+    tr = Trainer(cfg, dataset=LipSyncDataset(shards, window=WINDOW), audio_encoder=whisper)
+    assert isinstance(tr.codec, PixelCodec)
+    assert tr.dit.config.in_dim == 48 and tr.dit.config.temporal_compression == 1
+    batch = tr.local_batch(0)
+    assert batch["weight"].shape == (2, 1, WINDOW, 8, 8) and batch["weight"].max() == 5.0
+    losses = tr.fit()
+    assert all(torch.isfinite(torch.tensor(losses)))
+    bundle = load_bundle(tr.export())
+    assert isinstance(bundle.vae, PixelCodec) and bundle.vae.config.scale == 0.5
+
+    small = save_bundle(tmp_path / "half.safetensors", bundle.dit, bundle.vae, bundle.audio_encoder,
+                        defaults=bundle.defaults, dtype=torch.float16)
+    half = load_bundle(small)
+    assert half.dit.blocks[0].ffn[0].weight.dtype == torch.float32        # loads back in float32
+    assert torch.allclose(half.audio_encoder.positional_embedding, bundle.audio_encoder.positional_embedding,
+                          atol=1e-6)                                       # recomputed, not stored
+    crops = torch.rand(WINDOW, 32, 32, 3)
+    audio = torch.randn(WINDOW, 5, 32)
+    mouth, width = torch.full((WINDOW, 2), 16.0), torch.full((WINDOW,), 14.0)
+    outs = [OmniSyncGenerator(b.dit, b.vae, SamplerOptions(steps=6))(crops, audio, mouth, width, seed=1)
+            for b in (bundle, half)]
+    assert outs[0].shape == crops.shape and (outs[0] - outs[1]).abs().max() < 0.02

@@ -3,6 +3,8 @@ configs and the inference defaults they were trained for (crop size, window, aud
 
 Keys are prefixed ``dit.``, ``vae.`` and ``audio.``; metadata holds ``kind = "bundle"``, one JSON config per
 part and ``defaults``. Large models may instead ship as three separate checkpoints (see loading.py).
+The ``vae`` part may be a parameter-free :class:`~omnisync_core.model.pixel_codec.PixelCodec` (its config says
+``"codec": "pixel"`` and it has no tensors), as in the bundled demo model.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from typing import Any, Optional
 
 import torch
 
-from ..audio.whisper import WhisperEncoder
+from ..errors import InputError
+from ..audio.whisper import WhisperEncoder, sinusoids
 from .dit import DiTConfig, OmniSyncDiT
 from .loading import (CheckpointError, _config_dict, load_dit, load_vae, load_whisper, read_safetensors, save_model)
+from .pixel_codec import PixelCodec
 from .vae import WanVAE
 
 PARTS = ("dit", "vae", "audio")
@@ -28,7 +32,7 @@ class ModelBundle:
     """The three models and the defaults that go with them."""
 
     dit: OmniSyncDiT
-    vae: WanVAE
+    vae: "WanVAE | PixelCodec"
     audio_encoder: WhisperEncoder
     defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -38,14 +42,30 @@ class ModelBundle:
         return self
 
 
-def save_bundle(path, dit: OmniSyncDiT, vae: WanVAE, audio_encoder: WhisperEncoder,
-                defaults: Optional[dict] = None, extra_metadata: Optional[dict] = None) -> Path:
-    """Write the three models to one safetensors file, atomically."""
+def _vae_config(vae) -> dict:
+    if isinstance(vae, PixelCodec):
+        return {"codec": "pixel", **vae.config.to_dict()}
+    return _config_dict(vae.config)
+
+
+def _is_sinusoidal(table: torch.Tensor) -> bool:
+    return torch.allclose(table.float().cpu(), sinusoids(*table.shape), atol=2e-3)
+
+
+def save_bundle(path, dit: OmniSyncDiT, vae: "WanVAE | PixelCodec", audio_encoder: WhisperEncoder,
+                defaults: Optional[dict] = None, extra_metadata: Optional[dict] = None,
+                dtype: Optional[torch.dtype] = None) -> Path:
+    """Write the three models to one safetensors file, atomically. ``dtype`` (e.g. ``torch.float16``) stores
+    the DiT and audio encoder weights at that precision (a small download); they load back in float32."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in zip(PARTS, (dit, vae, audio_encoder)):
-        tensors.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
-    metadata = {f"{prefix}_config": json.dumps(_config_dict(module.config))
-                for prefix, module in zip(PARTS, (dit, vae, audio_encoder))}
+        for key, value in module.state_dict().items():
+            if prefix == "audio" and key == "positional_embedding" and _is_sinusoidal(value):
+                continue       # Whisper's fixed encoder positions: load_whisper recomputes them
+            cast = dtype is not None and prefix != "vae" and value.is_floating_point()
+            tensors[f"{prefix}.{key}"] = value.to(dtype) if cast else value
+    metadata = {"dit_config": json.dumps(_config_dict(dit.config)), "vae_config": json.dumps(_vae_config(vae)),
+                "audio_config": json.dumps(_config_dict(audio_encoder.config))}
     metadata["defaults"] = json.dumps(defaults or {})
     metadata.update(extra_metadata or {})
     return save_model(tensors, path, kind="bundle", config={}, extra_metadata=metadata)
@@ -60,8 +80,8 @@ def _part_config(metadata: dict, part: str, name: str) -> dict:
 
 
 def load_bundle(path, device=None, dtype=None) -> ModelBundle:
-    """Load a bundle written by :func:`save_bundle`. The VAE and audio encoder stay in float32 unless ``dtype``
-    is given; the DiT takes ``dtype``."""
+    """Load a bundle written by :func:`save_bundle`. The VAE and audio encoder load in float32 (or the VAE's
+    stored dtype); the DiT takes ``dtype`` (default float32, whatever precision the file stores)."""
     name = Path(path).name
     state, metadata = read_safetensors(path)
     if metadata.get("format") != "omnisync" or metadata.get("kind") != "bundle":
@@ -73,9 +93,19 @@ def load_bundle(path, device=None, dtype=None) -> ModelBundle:
             raise CheckpointError(f"{name} has a tensor outside the dit/vae/audio parts: {key}")
         parts[prefix][rest] = tensor
     dit = load_dit(parts["dit"], preset=DiTConfig.from_dict(_part_config(metadata, "dit", name)),
-                   device=device, dtype=dtype)
-    vae = load_vae(parts["vae"], device=device, config=_part_config(metadata, "vae", name))
-    audio = load_whisper(parts["audio"], device=device, config=_part_config(metadata, "audio", name))
+                   device=device, dtype=dtype or torch.float32)
+    vae_config = _part_config(metadata, "vae", name)
+    if vae_config.get("codec") == "pixel":
+        if parts["vae"]:
+            raise CheckpointError(f"{name} declares a parameter-free pixel codec but stores VAE tensors.")
+        try:
+            vae = PixelCodec({k: v for k, v in vae_config.items() if k != "codec"}).to(device)
+        except (TypeError, InputError) as e:
+            raise CheckpointError(f"{name} has an unusable pixel codec config: {e}") from None
+    else:
+        vae = load_vae(parts["vae"], device=device, config=vae_config)
+    audio = load_whisper(parts["audio"], device=device, dtype=torch.float32,
+                         config=_part_config(metadata, "audio", name))
     try:
         defaults = json.loads(metadata.get("defaults", "{}"))
     except json.JSONDecodeError:

@@ -19,6 +19,9 @@ Example (TOML; relative paths are relative to the config file)::
 
     [codec_options]
     path = "models/vae/wan_2.1_vae.safetensors"   # or: preset = "tiny" (random weights, for tests)
+
+``codec = "pixel"`` trains in pixel space through the parameter-free space-to-depth PixelCodec
+(``codec_options``: spatial_factor, temporal_factor, shift, scale), as the bundled demo model does.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class TrainConfig:
     sigma_std: float = 1.0
     sigma_shift: float = 5.0
     audio_dropout: float = 0.1
+    mouth_loss_weight: float = 0.0       # extra loss weight on the latent cells around the mouth (0: plain MSE)
     # optimisation
     batch_size: int = 1
     lr: float = 1e-5
@@ -108,6 +112,7 @@ class TrainConfig:
             (self.steps >= 0, "steps must be >= 0"),
             (self.warmup >= 0, "warmup must be >= 0"),
             (0 <= self.audio_dropout <= 1, "audio_dropout must lie in [0, 1]"),
+            (self.mouth_loss_weight >= 0, "mouth_loss_weight must be >= 0"),
             (0 <= self.pair_threshold <= 1, "pair_threshold must lie in [0, 1]"),
             (self.sigma_sampling in ("logit-normal", "uniform"), "sigma_sampling must be 'logit-normal' or 'uniform'"),
             (self.sigma_shift > 0, "sigma_shift must be positive"),
@@ -217,6 +222,19 @@ def _wan_vae(options: dict):
 
 
 register_codec("wan-vae", _wan_vae)
+
+
+def _pixel_codec(options: dict):
+    from ..model.pixel_codec import PixelCodec
+
+    try:
+        return PixelCodec(options)
+    except TypeError as e:
+        raise ConfigError(f"Bad codec_options for the pixel codec ({e}); it takes spatial_factor, "
+                          "temporal_factor, channels, shift and scale.") from None
+
+
+register_codec("pixel", _pixel_codec)
 
 
 def build_codec(config: TrainConfig):

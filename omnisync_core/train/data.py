@@ -6,7 +6,8 @@ face crops; ``{i}.pose`` float32 ``[T, 10]`` head-pose proxy (the eyes, nose tip
 crop coordinates scaled to [-1, 1]; the mouth keypoint is left out because it moves with the lips);
 ``{i}.mouth_xy`` ``[T, 2]`` and ``{i}.face_width`` ``[T]`` in crop pixels; ``{i}.features`` float16 ``[N, D]``
 Whisper features at 50 per second, or ``{i}.samples`` float32 16 kHz audio when no encoder was given;
-optional ``{i}.openness`` ``[T]`` (synthetic ground truth). The ``__metadata__`` key ``clips`` holds a JSON list of
+optional ``{i}.openness`` ``[T]`` (synthetic ground truth) and ``{i}.pseudo_frames`` ``[T, S, S, 3]`` (the same
+frames with other lips: a rendered pseudo pair, see :func:`synthetic_shards`). The ``__metadata__`` key ``clips`` holds a JSON list of
 per-clip records (name, source, fps, frames, first_frame, feature_start / sample_start). ``index.json`` in the
 shard folder lists the shards and every input that was skipped, with the reason.
 
@@ -293,16 +294,26 @@ def build_shards(video_dir_or_files, out_dir, size: int = 512, fps=None, clip_fr
 
 def synthetic_shards(out_dir, num_clips: int, size: int = 256, seed: int = 0, fps=25, sentences=None, voices=None,
                      render_size: Optional[int] = None, audio_encoder=None, shard_size: int = 8,
-                     margin: float = 0.3, speeds: tuple[int, int] = (130, 180)) -> Path:
+                     margin: float = 0.3, speeds: tuple[int, int] = (130, 180), pseudo_pairs: bool = False,
+                     analyzer=None, analyze_every: int = 1) -> Path:
     """Shards of synthetic talking faces (:func:`~omnisync_core.train.synthetic.make_example`) in the format of
     :func:`build_shards`, plus the ground-truth mouth ``openness``. Clip ``i`` uses seed ``seed + i`` for its
-    face and a sentence, voice and speaking rate drawn from it; returns the path of ``index.json``."""
+    face and a sentence, voice and speaking rate drawn from it; returns the path of ``index.json``.
+
+    ``pseudo_pairs`` also stores ``pseudo_frames``: the same face, pose and blinks speaking the previous clip's
+    sentence (the first clip: its own, time-reversed), cropped with the same boxes, which
+    :class:`LipSyncDataset` uses as the pseudo-paired reference of paper Eq. 3.
+
+    ``analyzer`` (a :class:`~omnisync_core.face.analyze.FaceAnalyzer`) crops where the face pipeline finds the
+    face, as inference will; without it the crops follow the rendered ground truth. ``analyze_every`` > 1 runs it
+    on every n-th frame only and lets the tracker interpolate between (the synthetic heads move smoothly)."""
     from . import synthetic
 
     sentences = list(sentences or synthetic.SENTENCES)
     voices = list(voices or synthetic.VOICES)
     rate = as_fraction(fps)
     writer = ShardWriter(out_dir, size, shard_size, "features" if audio_encoder is not None else "samples")
+    previous = None
     for i in range(int(num_clips)):
         g = torch.Generator().manual_seed(mix_seed(seed, i))
         text = sentences[int(torch.randint(len(sentences), (), generator=g))]
@@ -314,13 +325,26 @@ def synthetic_shards(out_dir, num_clips: int, size: int = 256, seed: int = 0, fp
         except OmniSyncError as e:
             writer.skip(f"synthetic[{i}]", str(e))
             continue
-        faces = clip.to_frame_faces()
+        if analyzer is not None:
+            analyzer.reset()
+            seen = iter(analyzer(_to_uint8(clip.frames[::analyze_every])))
+            faces = [next(seen) if t % analyze_every == 0 else FrameFaces.empty() for t in range(len(clip))]
+        else:
+            faces = clip.to_frame_faces()
         with _quiet_warnings():
             track = build_track(faces, tuple(clip.frames.shape[1:3]))
         params = crop_params(track, size=size, margin=margin)
         crops = _to_uint8(crop_faces(clip.frames, params))
+        extra = {"openness": clip.openness.float()}
+        if pseudo_pairs:
+            own = synthetic.MouthTrack(clip.openness, clip.width, clip.fps)
+            other = previous or synthetic.MouthTrack(clip.openness.flip(0), clip.width.flip(0), clip.fps)
+            swapped = synthetic.lip_swap(seed + i, other, len(clip), size=render_size or size,
+                                         offset=int(torch.randint(len(other), (), generator=g)))
+            extra["pseudo_frames"] = _to_uint8(crop_faces(swapped.frames, params))
+            previous = own
         _emit(writer, f"synthetic_{seed + i:06d}", f"synthetic:{text}|{voice}|{speed}", rate, 0, len(clip), crops,
-              faces, track, params, wave, _encode(wave, audio_encoder), {"openness": clip.openness.float()})
+              faces, track, params, wave, _encode(wave, audio_encoder), extra)
     return writer.close({"margin": margin, "synthetic": True})
 
 
@@ -349,6 +373,9 @@ class _Clip:
     feature_start: int
     audio: str              # "features" or "samples"
     pose: Tensor            # [T, 10]
+    mouth_xy: Optional[Tensor] = None      # [T, 2] crop pixels
+    face_width: Optional[Tensor] = None    # [T] crop pixels
+    has_pseudo: bool = False               # the shard stores rendered pseudo pairs (pseudo_frames)
 
 
 class LipSyncDataset(Dataset):
@@ -428,11 +455,13 @@ class LipSyncDataset(Dataset):
                 shape = f.get_slice(f"{i}.frames").get_shape()
                 if shape[0] != r["frames"]:
                     raise ShardError(f"clip {i} has {shape[0]} frames, its record says {r['frames']}")
-                poses.append((audio, f.get_tensor(f"{i}.pose").float()))
+                get = lambda name: f.get_tensor(f"{i}.{name}").float() if f"{i}.{name}" in keys else None  # noqa
+                poses.append((audio, get("pose"), get("mouth_xy"), get("face_width"), f"{i}.pseudo_frames" in keys))
         # everything parsed: only now register the clips (a bad shard adds nothing)
-        for i, (r, (audio, pose)) in enumerate(zip(records, poses)):
+        for i, (r, (audio, pose, mouth, width, has_pseudo)) in enumerate(zip(records, poses)):
             clip = _Clip(shard, i, r["name"], as_fraction(Fraction(r["fps"])), int(r["frames"]),
-                         int(r.get("first_frame", 0)), int(r.get("feature_start", 0)), audio, pose)
+                         int(r.get("first_frame", 0)), int(r.get("feature_start", 0)), audio, pose, mouth, width,
+                         has_pseudo)
             if audio == "samples" and self.audio_encoder is None:
                 self._skip(f"{shard.name}:{r['name']}", "stores raw audio samples but no audio_encoder was given")
                 continue
@@ -458,11 +487,12 @@ class LipSyncDataset(Dataset):
             h = self._handles[path] = safe_open(str(path), framework="pt")
         return h
 
-    def frames(self, clip: int, index: Tensor) -> Tensor:
-        """Frames ``index`` of a clip as float32 ``[3, n, S, S]`` in [-1, 1]."""
+    def frames(self, clip: int, index: Tensor, name: str = "frames") -> Tensor:
+        """Frames ``index`` of a clip (``name``: ``frames`` or ``pseudo_frames``) as float32 ``[3, n, S, S]`` in
+        [-1, 1]."""
         c = self.clips[clip]
         lo, hi = int(index.min()), int(index.max()) + 1
-        block = self._handle(c.shard).get_slice(f"{c.key}.frames")[lo:hi]
+        block = self._handle(c.shard).get_slice(f"{c.key}.{name}")[lo:hi]
         x = block[index - lo].permute(3, 0, 1, 2).float()
         return x.div_(127.5).sub_(1.0)
 
@@ -509,11 +539,15 @@ class LipSyncDataset(Dataset):
 
     def reference(self, clip: int, start: int, sigma: float, generator: Optional[torch.Generator] = None
                   ) -> tuple[Tensor, bool]:
-        """Frame indices ``[n]`` of V_cd for the target at ``start`` and whether it is a pseudo-pair (Eq. 3)."""
+        """Frame indices ``[n]`` of V_cd for the target at ``start`` and whether it is a pseudo-pair (Eq. 3).
+        A clip with rendered pseudo pairs answers the target's own indices: :meth:`sample` then reads them from
+        ``pseudo_frames`` (same pose, other lips)."""
         n = self.window
         target = torch.arange(start, start + n)
         pose = self.clips[clip].pose
         if sigma > self.pair_threshold:
+            if self.clips[clip].has_pseudo:
+                return target, True
             if self.pseudo_mode == "frames":
                 ok = self.allowed(clip, start)
                 d = torch.cdist(pose[target], pose).masked_fill(~ok[None], float("inf"))
@@ -534,14 +568,20 @@ class LipSyncDataset(Dataset):
         per-frame pose distance between V_ab and V_cd), ``clip`` and ``start``.
         """
         clip, start = self.items[index]
+        c = self.clips[clip]
         target = torch.arange(start, start + self.window)
         ref, pseudo = self.reference(clip, start, float(sigma), generator)
-        pose = self.clips[clip].pose
-        return {"video": self.frames(clip, target), "reference": self.frames(clip, ref),
+        rendered = pseudo and c.has_pseudo
+        n = self.window
+        return {"video": self.frames(clip, target),
+                "reference": self.frames(clip, ref, "pseudo_frames" if rendered else "frames"),
                 "audio": self.audio_windows(clip, target), "sigma": float(sigma), "pseudo": pseudo,
                 "target_frames": target, "reference_frames": ref,
-                "pose_distance": float((pose[target] - pose[ref]).norm(dim=-1).mean()), "clip": clip,
-                "start": start}
+                "reference_kind": "rendered" if rendered else "pseudo" if pseudo else "segment",
+                "pose_distance": float((c.pose[target] - c.pose[ref]).norm(dim=-1).mean()), "clip": clip,
+                "start": start,
+                "mouth_xy": c.mouth_xy[target] if c.mouth_xy is not None else torch.full((n, 2), float("nan")),
+                "face_width": c.face_width[target] if c.face_width is not None else torch.full((n,), float("nan"))}
 
     def __getitem__(self, key) -> dict:
         if isinstance(key, tuple):

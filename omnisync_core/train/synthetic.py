@@ -786,8 +786,19 @@ def make_example(text: str, seed: int, size: int = 256, fps: FpsLike = 25, voice
     with tempfile.TemporaryDirectory(dir=tmp_dir) as folder:
         wav = speak(text, Path(folder) / "speech.wav", voice=voice, speed=speed, pitch=pitch)
         wave = prepare_audio(wav)
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    style = FaceStyle.random(g)
-    clip = render_clip(style, mouth_track(wave.samples, fps), size=size, motion_seed=int(seed) + 1)
+    clip = render_clip(style_of(seed), mouth_track(wave.samples, fps), size=size, motion_seed=int(seed) + 1)
     return clip, wave
+
+
+def style_of(seed: int) -> FaceStyle:
+    """The face style :func:`make_example` draws for ``seed``."""
+    return FaceStyle.random(torch.Generator().manual_seed(int(seed)))
+
+
+def lip_swap(seed: int, mouth: MouthTrack, num_frames: int, size: int = 256, offset: int = 0) -> SyntheticClip:
+    """The clip of :func:`make_example` for ``seed`` (same face, head motion and blinks) speaking with another
+    mouth track, rolled by ``offset`` and tiled to ``num_frames``: a pseudo pair (paper Eq. 3) whose pixels
+    differ from the original only around the mouth."""
+    index = (torch.arange(num_frames) + offset) % len(mouth)
+    other = MouthTrack(mouth.openness[index], mouth.width[index], mouth.fps)
+    return render_clip(style_of(seed), other, size=size, motion_seed=int(seed) + 1)

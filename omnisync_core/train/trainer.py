@@ -150,6 +150,27 @@ def latest_checkpoint(folder) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def mouth_loss_weights(samples: list[dict], latent_shape: tuple, extra: float) -> Tensor:
+    """Per-latent-cell loss weights ``[B, 1, t, h, w]``: 1, plus ``extra`` inside an ellipse around the mouth
+    (0.32 face widths across, 0.22 high) of each latent frame. Samples without mouth positions weigh 1."""
+    from ..generator import latent_mouths
+
+    b, _, t, h, w = latent_shape
+    weights = torch.ones(b, 1, t, h, w)
+    for i, s in enumerate(samples):
+        mouth, width = s.get("mouth_xy"), s.get("face_width")
+        if mouth is None or not torch.isfinite(mouth).all() or not torch.isfinite(width).all():
+            continue
+        n, size = s["video"].shape[1], s["video"].shape[-1]
+        temporal = (n - 1) // (t - 1) if t > 1 else 1
+        m, fw = latent_mouths(mouth, width, size, (h, w), temporal)             # latent cells
+        xs, ys = torch.arange(w) + 0.5, torch.arange(h) + 0.5
+        dx = (xs[None, None, :] - m[:, 0, None, None]) / (0.32 * fw[:, None, None]).clamp_min(1e-3)
+        dy = (ys[None, :, None] - m[:, 1, None, None]) / (0.22 * fw[:, None, None]).clamp_min(1e-3)
+        weights[i, 0] += extra * ((dx.square() + dy.square()) < 1).float()
+    return weights
+
+
 # ------------------------------------------------------------------------------------------------ bundles
 
 
@@ -164,7 +185,16 @@ def _export_wan_bundle(path: Path, dit: OmniSyncDiT, codec, audio_encoder, defau
 
 # codec name -> exporter(path, dit, codec, audio_encoder, defaults) -> written path. A codec helper registers its
 # own exporter here (e.g. a bundle variant that stores its codec in place of the VAE).
-BUNDLE_EXPORTERS: dict[str, Callable[..., Path]] = {"wan-vae": _export_wan_bundle}
+def _export_pixel_bundle(path: Path, dit: OmniSyncDiT, codec, audio_encoder, defaults: dict) -> Path:
+    from ..model.bundle import save_bundle
+    from ..model.pixel_codec import PixelCodec
+
+    if not isinstance(codec, PixelCodec):
+        raise ConfigError("the pixel bundle exporter needs a PixelCodec")
+    return save_bundle(path, dit, codec, audio_encoder, defaults=defaults)
+
+
+BUNDLE_EXPORTERS: dict[str, Callable[..., Path]] = {"wan-vae": _export_wan_bundle, "pixel": _export_pixel_bundle}
 
 
 def export_bundle(path, dit: OmniSyncDiT, codec, audio_encoder, defaults: dict, codec_name: str) -> Path:
@@ -365,12 +395,16 @@ class Trainer:
         items, gens, samples = self._samples(step)
         key = lambda s, f: (s["clip"], tuple(s[f].tolist()))  # noqa: E731
         z0 = self.encode(torch.stack([s["video"] for s in samples]), [key(s, "target_frames") for s in samples])
-        zs = self.encode(torch.stack([s["reference"] for s in samples]), [key(s, "reference_frames") for s in samples])
+        ref_key = lambda s: (*key(s, "reference_frames"), s.get("reference_kind") == "rendered")  # noqa: E731
+        zs = self.encode(torch.stack([s["reference"] for s in samples]), [ref_key(s) for s in samples])
         eps = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(self.device)
         keep = torch.tensor([bool(torch.rand((), generator=g) >= self.cfg.audio_dropout) for g in gens])
-        return {"z0": z0, "z_src": zs, "eps": eps, "sigma": torch.tensor([s for _, s, _ in items]),
-                "audio": torch.stack([s["audio"] for s in samples]), "keep": keep,
-                "pseudo": torch.tensor([s["pseudo"] for s in samples])}
+        batch = {"z0": z0, "z_src": zs, "eps": eps, "sigma": torch.tensor([s for _, s, _ in items]),
+                 "audio": torch.stack([s["audio"] for s in samples]), "keep": keep,
+                 "pseudo": torch.tensor([s["pseudo"] for s in samples])}
+        if self.cfg.mouth_loss_weight:
+            batch["weight"] = mouth_loss_weights(samples, z0.shape, self.cfg.mouth_loss_weight).to(self.device)
+        return batch
 
     def loss_and_grads(self, step: int) -> float:
         """Forward and backward for ``step`` (gradients left in the parameters); returns the global mean loss."""
@@ -383,7 +417,11 @@ class Trainer:
         with self._autocast:
             pred = self.model(x, sigma, source=b["z_src"], audio=b["audio"].to(self.device),
                               audio_mask=b["keep"].to(self.device))
-        loss = F.mse_loss(pred.float(), target)
+        if "weight" in b:
+            w = b["weight"]
+            loss = ((pred.float() - target).square() * w).mean() / w.mean()
+        else:
+            loss = F.mse_loss(pred.float(), target)
         loss.backward()
         value = loss.detach()
         if self.world > 1:
