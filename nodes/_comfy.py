@@ -1,0 +1,243 @@
+"""What the nodes need from ComfyUI itself: model folders, downloads on request, model management, progress and
+interruption. Everything else the nodes do is a call into omnisync_core."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+
+from ..omnisync_core.errors import InputError
+from ..omnisync_core.frames import audio_channels, fps_fraction
+from ..omnisync_core.model.bundle import DEMO_MODEL
+
+log = logging.getLogger("omnisync")
+
+MODEL_FOLDER = "omnisync"
+DEMO_ENTRY = "omnisync_demo (bundled)"
+FROM_BUNDLE = "from bundle"
+
+
+# --------------------------------------------------------------------------------------------------- model folders
+
+def register_model_folders() -> None:
+    """``models/omnisync`` (safetensors only) next to ComfyUI's ``vae`` and ``audio_encoders``. Folders given in
+    extra_model_paths.yaml under ``omnisync:`` are kept, and searched before the default one."""
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    folder_paths.add_model_folder_path(MODEL_FOLDER, default)        # creates the entry or appends the default
+    paths, extensions = folder_paths.folder_names_and_paths[MODEL_FOLDER]
+    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | {".safetensors"})
+    for name in ("vae", "audio_encoders"):
+        if name not in folder_paths.folder_names_and_paths:        # older ComfyUI without audio_encoders
+            folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+
+
+def _safetensors(names: list[str]) -> list[str]:
+    return [n for n in names if n.lower().endswith(".safetensors")]
+
+
+def model_choices() -> list[str]:
+    return [DEMO_ENTRY] + _safetensors(folder_paths.get_filename_list(MODEL_FOLDER))
+
+
+def part_choices(folder: str) -> list[str]:
+    return [FROM_BUNDLE] + _safetensors(folder_paths.get_filename_list(folder))
+
+
+def resolve_model(name: str) -> Path:
+    if name == DEMO_ENTRY:
+        if not DEMO_MODEL.is_file():
+            raise InputError(f"The bundled demo model is not installed (expected at {DEMO_MODEL}); put an OmniSync "
+                             f"model in models/{MODEL_FOLDER} and choose it instead.")
+        return DEMO_MODEL
+    path = folder_paths.get_full_path(MODEL_FOLDER, name)
+    if path is None:
+        raise InputError(f"OmniSync model {name!r} was not found in models/{MODEL_FOLDER} "
+                         f"({', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))}).")
+    return Path(path)
+
+
+def resolve_part(folder: str, name: str) -> Path:
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise InputError(f"{name!r} was not found in models/{folder}.")
+    return Path(path)
+
+
+def download_model(spec: str) -> Path:
+    """Fetch ``owner/repo/path/in/repo.safetensors`` from the Hugging Face Hub into the first ``models/omnisync``
+    folder, unless it is already there. Only ever called when the user fills in the loader's download field."""
+    spec = spec.strip().strip("/")
+    parts = spec.split("/")
+    if len(parts) < 3 or not parts[-1].lower().endswith(".safetensors"):
+        raise InputError(f"download takes owner/repo/file.safetensors (safetensors only), got {spec!r}")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    target_dir = Path(folder_paths.get_folder_paths(MODEL_FOLDER)[0])
+    local = target_dir / filename
+    if local.is_file():
+        return local
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise InputError("downloading needs huggingface_hub (pip install -r requirements.txt)") from None
+    target_dir.mkdir(parents=True, exist_ok=True)
+    log.info("OmniSync: downloading %s from %s into %s", filename, repo_id, target_dir)
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=str(target_dir)))
+    except Exception as error:  # the hub client raises many types; the user needs one line
+        raise InputError(f"could not download {filename} from {repo_id}: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------- model management
+
+def _precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "fp32":
+        return torch.float32
+    if name == "fp16":
+        return torch.float16
+    if name == "bf16":
+        return torch.bfloat16
+    if mm.is_device_cpu(device):
+        return torch.float32
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+
+
+@dataclass
+class OmniSyncModel:
+    """The OMNISYNC_MODEL socket: the DiT, the VAE (or pixel codec) and the Whisper encoder, each under a ComfyUI
+    ModelPatcher so that ComfyUI loads them onto its device and offloads them when memory is needed."""
+
+    name: str
+    dit: torch.nn.Module
+    vae: torch.nn.Module
+    audio_encoder: torch.nn.Module
+    defaults: dict
+    dtype: torch.dtype
+    patchers: dict = field(default_factory=dict)
+
+    @staticmethod
+    def wrap(name, dit, vae, audio_encoder, defaults, precision: str = "auto") -> "OmniSyncModel":
+        device, offload = mm.get_torch_device(), mm.unet_offload_device()
+        dtype = _precision(precision, device)
+        dit.to(offload, dtype).eval()
+        vae.to(offload).eval()
+        audio_encoder.to(offload).eval()
+        patchers = {part: comfy.model_patcher.ModelPatcher(module, load_device=device, offload_device=offload)
+                    for part, module in (("dit", dit), ("vae", vae), ("audio", audio_encoder))}
+        return OmniSyncModel(name, dit, vae, audio_encoder, dict(defaults or {}), dtype, patchers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.patchers["dit"].load_device
+
+    def load(self, *parts: str) -> torch.device:
+        """Put these parts on ComfyUI's device (freeing other models if needed) and return the device."""
+        mm.load_models_gpu([self.patchers[p] for p in parts], force_full_load=True)
+        return self.device
+
+    def offload(self, *parts: str) -> None:
+        """Hand these parts back to the offload device through ComfyUI's model management."""
+        wanted = [self.patchers[p] for p in parts]
+        for index in range(len(mm.current_loaded_models) - 1, -1, -1):
+            loaded = mm.current_loaded_models[index]
+            if any(loaded.model is patcher for patcher in wanted):
+                loaded.model_unload()
+                mm.current_loaded_models.pop(index)
+        mm.soft_empty_cache()
+
+    def default(self, key: str, value: Any, fallback: Any, unset: Any = 0) -> Any:
+        """``value``, or the model's default for ``key`` when the user left the widget at ``unset``."""
+        return self.defaults.get(key, fallback) if value == unset else value
+
+
+# ------------------------------------------------------------------------------------------- progress, interrupts
+
+class Progress:
+    """A ComfyUI progress bar that also stops the work when the user presses Cancel (checked at every update, i.e.
+    between face batches, windows and sampler steps)."""
+
+    def __init__(self, total: int = 1):
+        self.bar = comfy.utils.ProgressBar(max(1, total))
+        self.steps_done = 0
+
+    def check(self) -> None:
+        mm.throw_exception_if_processing_interrupted()
+
+    def stage(self, stage: str, done: int, total: int) -> None:
+        """``progress(stage, done, total)`` callback of omnisync_core."""
+        self.check()
+        self.bar.update_absolute(done, max(1, total))
+
+    def counter(self, done: int, total: int) -> None:
+        self.check()
+        self.bar.update_absolute(done, max(1, total))
+
+    def step_bar(self, total_steps: int):
+        """A sampler step callback that advances one bar over ``total_steps`` steps in all."""
+        self.steps_done = 0
+        self.bar.update_absolute(0, max(1, total_steps))
+
+        def step(_index: int, _total: int, _x) -> None:
+            self.check()
+            self.steps_done += 1
+            self.bar.update_absolute(min(self.steps_done, total_steps), max(1, total_steps))
+
+        return step
+
+
+# ------------------------------------------------------------------------------------------------- type helpers
+
+def read_audio(audio: Mapping) -> tuple[torch.Tensor, int]:
+    """ComfyUI AUDIO -> float32 ``[C, N]`` and its rate. Read by key only: VideoHelperSuite passes a lazy Mapping,
+    and audio decoded by ComfyUI's own video loader may be integer PCM."""
+    if audio is None:
+        raise InputError("no AUDIO is connected")
+    try:
+        waveform, rate = audio["waveform"], audio["sample_rate"]
+    except (KeyError, TypeError):
+        raise InputError("the AUDIO input has no 'waveform' and 'sample_rate'") from None
+    if waveform is None:
+        raise InputError("the AUDIO input has no waveform")
+    return audio_channels(waveform, rate)
+
+
+def comfy_audio(samples: torch.Tensor, rate: int) -> dict:
+    """float32 ``[C, N]`` -> ComfyUI AUDIO."""
+    return {"waveform": samples.unsqueeze(0).contiguous().float(), "sample_rate": int(rate)}
+
+
+def read_fps(fps: float):
+    return fps_fraction(float(fps))
+
+
+def parse_box(text: str):
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        box = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+        raise InputError(f"box takes x0,y0,x1,y1 in pixels (x1 > x0, y1 > y0), got {text!r}")
+    return box
+
+
+def face_analyzer(detector: str, device: torch.device):
+    if detector == "none":
+        return None
+    from ..omnisync_core.face.analyze import FaceAnalyzer
+
+    return FaceAnalyzer(device=device, detector=detector)
