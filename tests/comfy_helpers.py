@@ -125,7 +125,8 @@ class ComfyServer:
         command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--extra-model-paths-config", str(yaml_path), "--output-directory", str(root / "output"),
                    "--input-directory", str(root / "input"), "--temp-directory", str(root / "temp"),
-                   "--user-directory", str(root / "user"), "--disable-auto-launch", "--dont-print-server"]
+                   "--user-directory", str(root / "user"), "--database-url", "sqlite:///:memory:",
+                   "--disable-auto-launch", "--dont-print-server"]
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
         self.process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=self.log, stderr=subprocess.STDOUT,
                                         env=env)
