@@ -41,6 +41,7 @@ from torch import Tensor
 from .audio.align import FpsLike, as_fraction
 from .audio.waveform import Waveform, to_float_pcm
 from .errors import OmniSyncError
+from .fsutil import publish
 
 PathLike = Union[str, os.PathLike]
 CONTAINER_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
@@ -695,7 +696,7 @@ class VideoWriter:
             if self._audio_stream is not None:
                 self._container.mux(self._audio_stream.encode(None))
             self._container.close()
-            os.replace(self.partial_path, self.path)
+            publish(self.partial_path, self.path)
         except (av.FFmpegError, OSError) as error:
             self.abort()
             raise VideoError(f"could not finish {self.path}: {error}") from None

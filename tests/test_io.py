@@ -395,3 +395,21 @@ def test_truncated_files(tmp_path):
     with pytest.raises(VideoError, match="truncated"):
         for _ in VideoReader(cut).windows(8, 2):
             pass
+
+
+def test_finished_files_get_ordinary_permissions(tmp_path):
+    """Outputs are written to a private temp file, but the published file has the umask's usual mode."""
+    import os
+    import stat
+
+    from omnisync_core.model.loading import save_model
+
+    umask = os.umask(0o022)
+    try:
+        with VideoWriter(tmp_path / "out.mp4", 25) as writer:
+            writer.write(torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
+        save_model({"w": torch.zeros(2)}, tmp_path / "w.safetensors", kind="dit", config={})
+    finally:
+        os.umask(umask)
+    for name in ("out.mp4", "w.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name

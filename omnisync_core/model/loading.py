@@ -29,6 +29,7 @@ from ..audio.whisper import (
     WHISPER_PRESETS, WhisperEncoder, WhisperEncoderConfig, infer_whisper_config, sinusoids, to_openai_whisper_encoder,
 )
 from ..errors import InputError
+from ..fsutil import publish
 from .dit import DIT_PRESETS, DiTConfig, OmniSyncDiT, WeightsError, get_config
 from .vae import WanVAE, WanVAEConfig
 from .vae_keys import diffusers_to_wan_vae, is_diffusers_vae
@@ -184,7 +185,7 @@ def save_model(model: "nn.Module | Mapping[str, torch.Tensor]", path, kind: str,
     partial = path.with_name(path.name + ".partial")
     try:
         st.save_file(_cpu_tensors(sd), str(partial), metadata=meta)
-        os.replace(partial, path)
+        publish(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

@@ -36,6 +36,7 @@ from ..audio import FrameAligner, SAMPLE_RATE, Waveform, prepare_audio
 from ..audio.align import as_fraction
 from ..audio.features import TOKEN_RATE, TOKEN_SAMPLES, encode_audio
 from ..errors import InputError, OmniSyncError
+from ..fsutil import publish
 from ..face.crop import crop_faces, crop_params, mouth_in_crop
 from ..face.track import FaceTrack, build_track, frame_signatures, shot_changes_from_signatures
 from ..face.types import FrameFaces
@@ -73,7 +74,7 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     partial = path.with_name(path.name + ".partial")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
-        os.replace(partial, path)
+        publish(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
