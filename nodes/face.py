@@ -76,8 +76,10 @@ class OmniSyncPasteBack(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, crops, face_track: FacePlan, feather: float, color_match: bool) -> io.NodeOutput:
-        Progress().check()
-        out = paste_plan(images, crops, face_track, feather=feather, color_match=color_match)
+        progress = Progress(face_track.num_frames)
+        progress.check()
+        out = paste_plan(images, crops, face_track, feather=feather, color_match=color_match,
+                         progress=progress.counter)
         audio = comfy_audio(face_track.output_audio(), face_track.sample_rate)
         return io.NodeOutput(out, audio, face_track.num_frames, float(face_track.fps))
 

@@ -40,9 +40,11 @@ class OmniSyncNoiseInit(io.ComfyNode):
         tau = float(model.default("tau", tau, 0.92, unset=0.0))
         window = model.default("window", window, 81)
         overlap = model.default("overlap", overlap, 8, unset=-1)
-        Progress().check()
+        progress = Progress()
+        progress.check()
         device = model.load("vae")
-        latents = init_latents(crops, model.vae, face_track.editable, window, overlap, tau, seed, device=device)
+        latents = init_latents(crops, model.vae, face_track.editable, window, overlap, tau, seed, device=device,
+                               window_callback=progress.counter)
         return io.NodeOutput(latents)
 
 

@@ -207,7 +207,7 @@ def crop_plan(frames: Tensor, plan: FacePlan, chunk: int = 32) -> Tensor:
 
 
 def paste_plan(frames: Tensor, crops: Tensor, plan: FacePlan, feather: float = 0.1, color_match: bool = False,
-               chunk: int = 32) -> Tensor:
+               chunk: int = 32, progress: Optional[Callable[[int, int], None]] = None) -> Tensor:
     """Edited crops ``[N, S, S, 3]`` pasted into the output frames ``[N, H, W, 3]`` (float 0..1); frames the model
     does not edit, and every pixel outside the crop, are the source's."""
     _check_plan(frames, plan)
@@ -220,6 +220,8 @@ def paste_plan(frames: Tensor, crops: Tensor, plan: FacePlan, feather: float = 0
         src = src.float() / 255.0 if src.dtype == torch.uint8 else src.float()
         out[a:b] = paste_back(src, crops[a:b].float(), plan.params[a:b], plan.editable[a:b], feather=feather,
                               color_match=color_match, inplace=True)
+        if progress is not None:
+            progress(b, plan.num_frames)
     return out
 
 
@@ -270,7 +272,8 @@ def _pad(t: Tensor, tail: int) -> Tensor:
 
 @torch.no_grad()
 def init_latents(crops: Tensor, vae: torch.nn.Module, editable: Tensor, window: int = 81, overlap: int = 8,
-                 tau: float = 0.92, seed: int = 0, device=None) -> LatentWindows:
+                 tau: float = 0.92, seed: int = 0, device=None,
+                 window_callback: Optional[Callable[[int, int], None]] = None) -> LatentWindows:
     """Progressive noise initialisation: cut the crops into windows, encode each window's crops (padded to
     4k + 1 frames) and draw its noise from ``seed + window start`` (so a window's result does not depend on
     the others). Windows with no editable frame are left as they are."""
@@ -280,8 +283,8 @@ def init_latents(crops: Tensor, vae: torch.nn.Module, editable: Tensor, window: 
     editable = editable.bool().cpu()
     if crops.shape[0] != editable.shape[0]:
         raise InputError(f"got {crops.shape[0]} crops for a face track of {editable.shape[0]} frames")
-    windows = []
-    for w in plan_windows(crops.shape[0], window, overlap):
+    windows, plan = [], plan_windows(crops.shape[0], window, overlap)
+    for w in plan:
         item = WindowLatent(w, int(seed) + w.start)
         if bool(editable[w.start:w.stop].any()):
             span = crops[w.start:w.stop]
@@ -290,6 +293,8 @@ def init_latents(crops: Tensor, vae: torch.nn.Module, editable: Tensor, window: 
             item.z_src = vae.encode(video)
             item.noise = seeded_noise(item.z_src.shape, item.seed, device=device)
         windows.append(item)
+        if window_callback is not None:
+            window_callback(len(windows), len(plan))
     return LatentWindows(windows, float(tau), crops, editable)
 
 

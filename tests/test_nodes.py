@@ -141,22 +141,45 @@ def test_lip_sync_node_aligns_length_audio_and_fps(cf, model):
 
 
 def test_granular_nodes_equal_the_one_node(cf, model):
+    import comfy.utils
+
+    calls = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, *a, **k: calls.append((value, total)))
+    try:
+        _granular(cf, model, calls)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+
+
+def _granular(cf, model, calls):
+    def reported() -> bool:                  # the node drove ComfyUI's progress bar to its end
+        done = bool(calls) and calls[-1][0] == calls[-1][1]
+        calls.clear()
+        return done
+
     frames = talking_pattern(12)
     audio = {"waveform": chirp(0.6, channels=1).unsqueeze(0), "sample_rate": RATE}
     whole = cf.run("OmniSyncLipSync", model=model, images=frames, audio=audio, fps=25.0, **lipsync_inputs())
+    calls.clear()
     embeds, audio_frames = cf.run("OmniSyncAudioEncode", model=model, audio=audio, fps=25.0).args
+    assert reported()
     crops, track, count = cf.run("OmniSyncFaceCrop", model=model, images=frames, audio_embeds=embeds,
                                     **FACE).args
+    assert reported()
     assert count == audio_frames == 15 and crops.shape == (15, 32, 32, 3)
     latents = cf.run("OmniSyncNoiseInit", model=model, crops=crops, face_track=track, tau=0.0, seed=3,
                         window=0, overlap=-1)[0]
+    assert reported()
     assert latents.tau == pytest.approx(0.92) and len(latents.windows) == 2
     sampled = cf.run("OmniSyncSampler", model=model, latents=latents, audio_embeds=embeds, face_track=track,
                         steps=0, guidance="ds-cfg", omega_peak=4.5, omega_base=1.0, gamma=1.5, s_ratio=0.15,
                         floor=1.0, cfg_scale=4.5)[0]
+    assert reported()
     edited = cf.run("OmniSyncDecode", model=model, latents=sampled)[0]
+    assert reported()
     images, out_audio, n, fps = cf.run("OmniSyncPasteBack", images=frames, crops=edited, face_track=track,
                                           feather=0.1, color_match=False).args
+    assert reported()
     assert torch.allclose(images, whole[0], atol=1e-6)
     assert torch.equal(out_audio["waveform"], whole[1]["waveform"]) and n == whole[2] == 15 and fps == 25.0
     assert (edited - crops).abs().mean() > 1e-3                          # the model edited the mouth region
