@@ -37,11 +37,11 @@ StepFn = Callable[[int, int, Tensor], None]
 # ----------------------------------------------------------------------------------------------------- small helpers
 
 def fps_fraction(fps: Union[int, float, str, Fraction]) -> Fraction:
-    """A frame rate as an exact fraction. Floats that stand for NTSC rates (29.97002997..., what a host computes
-    from 30000/1001) snap back to x000/1001; other floats keep the decimal they print as."""
+    """A frame rate as an exact fraction. Floats near an NTSC rate (29.97, 59.94, 23.976, or the 29.97002997...
+    a host computes from 30000/1001) are that rate, x000/1001; other floats keep the decimal they print as."""
     if isinstance(fps, float) and math.isfinite(fps) and fps > 0:
-        ntsc = Fraction(round(fps * 1001), 1001)
-        if ntsc.denominator == 1001 and abs(float(ntsc) - fps) < 1e-9 * fps:
+        ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
+        if ntsc > 0 and abs(float(ntsc) - fps) <= 5e-4:
             return as_fraction(ntsc)
         near = Fraction(fps).limit_denominator(1000)
         if abs(float(near) - fps) < 1e-9 * fps:

@@ -42,7 +42,9 @@ def test_fps_fraction_snaps_host_floats_to_exact_rates():
     assert fps_fraction(30000 / 1001) == Fraction(30000, 1001)
     assert fps_fraction(24000 / 1001) == Fraction(24000, 1001)
     assert fps_fraction(25.0) == 25 and fps_fraction(12.5) == Fraction(25, 2)
-    assert fps_fraction(23.976) == Fraction(23976, 1000)
+    assert fps_fraction(23.976) == Fraction(24000, 1001) and fps_fraction(29.97) == Fraction(30000, 1001)
+    assert fps_fraction(59.94) == Fraction(60000, 1001) and fps_fraction(29.9) == Fraction(299, 10)
+    assert fps_fraction(24.0) == 24 and fps_fraction(30.0) == 30 and fps_fraction(23.5) == Fraction(47, 2)
     assert fps_fraction("30000/1001") == Fraction(30000, 1001)
     with pytest.raises(InputError):
         fps_fraction(0.0)
