@@ -116,3 +116,23 @@ def test_generator_identity_dit_returns_source():
     gen = OmniSyncGenerator(ToSource(), codec, SamplerOptions(steps=8, guidance="none"))
     out = gen(crops, torch.zeros(5, 2, 8), torch.full((5, 2), 8.0), torch.full((5,), 10.0), seed=0)
     assert torch.allclose(out, crops, atol=1e-4)
+
+
+def test_source_residual_model_with_a_silent_head_returns_its_source():
+    """A source-residual DiT whose head outputs zero predicts x0 = source at every step, so sampling from any
+    noise level lands exactly on the source (the velocity it returns is (x - source) / sigma)."""
+    codec = PixelCodec(spatial_factor=4, scale=0.5)
+    cfg = get_config("tiny", in_dim=48, out_dim=48, audio_dim=16, temporal_compression=1,
+                     prediction="source-residual")
+    dit = OmniSyncDiT(cfg).eval()
+    dit.set_text_context(torch.zeros(1, cfg.text_len, cfg.text_dim))
+    torch.nn.init.zeros_(dit.head.head.weight)
+    torch.nn.init.zeros_(dit.head.head.bias)
+    crops = torch.rand(5, 32, 32, 3)
+    out = OmniSyncGenerator(dit, codec, SamplerOptions(steps=8))(crops, torch.randn(5, 5, 16),
+                                                                  torch.full((5, 2), 16.0), torch.full((5,), 12.0), 0)
+    assert (out - crops).abs().max() < 1e-4
+    with pytest.raises(InputError, match="source"):
+        dit(torch.zeros(1, 48, 1, 8, 8), 0.5)
+    with pytest.raises(InputError, match="prediction"):
+        get_config("tiny", prediction="epsilon")

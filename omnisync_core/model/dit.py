@@ -26,6 +26,14 @@ class WeightsError(InputError):
     """A state dict does not fit the model (missing, unexpected or mis-shaped tensors)."""
 
 
+# What the network's head predicts. "velocity": v = eps - x0 (Wan2.1; every Wan-initialised preset).
+# "source-residual" (ours, for small models trained from scratch): x0 - z_src, the edit the source needs; forward()
+# still returns the implied velocity (x - x0) / sigma, so samplers and guidance are the same for both. The head
+# then only has to describe the mouth change, not pass per-pixel noise through a token narrower than its patch.
+PREDICTIONS = ("velocity", "source-residual")
+MIN_SIGMA = 1e-4          # the source-residual velocity divides by sigma (clamped to this)
+
+
 @dataclass
 class DiTConfig:
     """Hyper-parameters of OmniSyncDiT (Wan2.1 names). `audio_window` is the number of audio tokens per
@@ -49,11 +57,14 @@ class DiTConfig:
     source_concat: bool = True
     enable_audio: bool = True
     temporal_compression: int = 4
+    prediction: str = "velocity"
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise InputError(f"dim {self.dim} must split into {self.num_heads} heads of even size.")
+        if self.prediction not in PREDICTIONS:
+            raise InputError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}.")
 
     @property
     def head_dim(self) -> int:
@@ -407,6 +418,8 @@ class OmniSyncDiT(nn.Module):
             raise InputError(f"Latent size {tuple(x.shape[2:])} is not divisible by the patch {c.patch_size}.")
         if source is not None and source.shape != x.shape:
             raise InputError(f"source must have the latent's shape {tuple(x.shape)}, got {tuple(source.shape)}.")
+        if source is None and c.prediction == "source-residual":
+            raise InputError("This model predicts the edit of its source: pass the source latents.")
 
     def forward(self, x, sigma, source=None, audio=None, text=None, *, audio_mask=None):
         """Velocity v = eps - x0 for a noisy latent.
@@ -444,6 +457,9 @@ class OmniSyncDiT(nn.Module):
         pt, ph, pw = c.patch_size
         y = rearrange(y, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
                       t=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw)
+        if c.prediction == "source-residual":
+            x0 = source.float() + y.float()
+            y = (x.float() - x0) / sigma.clamp_min(MIN_SIGMA).view(b, 1, 1, 1, 1)
         return y.to(x.dtype)
 
 

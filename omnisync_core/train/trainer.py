@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import OmniSyncError
-from ..model.dit import OmniSyncDiT, get_config
+from ..model.dit import MIN_SIGMA, OmniSyncDiT, get_config
 from .config import ConfigError, TrainConfig, build_codec, load_config
 from .data import LipSyncDataset, PairSampler, _atomic_save
 
@@ -417,11 +417,14 @@ class Trainer:
         with self._autocast:
             pred = self.model(x, sigma, source=b["z_src"], audio=b["audio"].to(self.device),
                               audio_mask=b["keep"].to(self.device))
+        pred = pred.float()
+        if self.dit.config.prediction == "source-residual":   # x0 loss (velocity error times sigma)
+            pred, target = x - s.clamp_min(MIN_SIGMA) * pred, b["z0"]
         if "weight" in b:
             w = b["weight"]
-            loss = ((pred.float() - target).square() * w).mean() / w.mean()
+            loss = ((pred - target).square() * w).mean() / w.mean()
         else:
-            loss = F.mse_loss(pred.float(), target)
+            loss = F.mse_loss(pred, target)
         loss.backward()
         value = loss.detach()
         if self.world > 1:
