@@ -140,7 +140,7 @@ def _cmd_lipsync(args: argparse.Namespace) -> int:
                              crop_size=pick(args.crop_size, "crop_size", 512), seed=args.seed,
                              length_policy=args.length_policy, face_index=args.face_index, box=_parse_box(args.box),
                              audio_before=defaults.get("audio_before", 2), audio_after=defaults.get("audio_after", 2),
-                             color_match=args.color_match)
+                             color_match=args.color_match, keep_detail=not args.no_keep_detail)
     analyzer = None
     if args.detector != "none":
         from .face.analyze import FaceAnalyzer
@@ -281,6 +281,9 @@ def _add_lipsync_parser(commands) -> None:
                      help="when audio and video lengths differ: pingpong/loop/hold extend the video to the audio, "
                           "trim stops at the shorter, video keeps the video length (default pingpong)")
     run.add_argument("--color-match", action="store_true", help="match the edited face's colours to the source")
+    run.add_argument("--no-keep-detail", action="store_true",
+                     help="paste the whole generated crop back instead of the source plus the model's edit (the "
+                          "default keeps the frame's own detail wherever the model changed nothing)")
     run.set_defaults(handler=_cmd_lipsync)
 
 

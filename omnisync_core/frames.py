@@ -207,7 +207,8 @@ def crop_plan(frames: Tensor, plan: FacePlan, chunk: int = 32) -> Tensor:
 
 
 def paste_plan(frames: Tensor, crops: Tensor, plan: FacePlan, feather: float = 0.1, color_match: bool = False,
-               chunk: int = 32, progress: Optional[Callable[[int, int], None]] = None) -> Tensor:
+               chunk: int = 32, progress: Optional[Callable[[int, int], None]] = None,
+               keep_detail: bool = True) -> Tensor:
     """Edited crops ``[N, S, S, 3]`` pasted into the output frames ``[N, H, W, 3]`` (float 0..1); frames the model
     does not edit, and every pixel outside the crop, are the source's."""
     _check_plan(frames, plan)
@@ -219,7 +220,7 @@ def paste_plan(frames: Tensor, crops: Tensor, plan: FacePlan, feather: float = 0
         src = frames[plan.index[a:b]]
         src = src.float() / 255.0 if src.dtype == torch.uint8 else src.float()
         out[a:b] = paste_back(src, crops[a:b].float(), plan.params[a:b], plan.editable[a:b], feather=feather,
-                              color_match=color_match, inplace=True)
+                              color_match=color_match, inplace=True, keep_detail=keep_detail)
         if progress is not None:
             progress(b, plan.num_frames)
     return out
@@ -424,7 +425,8 @@ def lipsync_frames(frames: Tensor, audio: Tensor, sample_rate: int, fps, generat
             local = slice(first - window.start, first - window.start + finished.shape[0])
             span = slice(first, first + finished.shape[0])
             out[span] = paste_back(source[local], finished, plan.params[span], plan.editable[span],
-                                   feather=opts.feather, color_match=opts.color_match, inplace=True)
+                                   feather=opts.feather, color_match=opts.color_match, inplace=True,
+                                   keep_detail=opts.keep_detail)
         if progress is not None:
             progress("lipsync", number + 1, len(windows))
     return FramesResult(out, plan.output_audio(), sample_rate, plan.fps, len(windows), plan.timeline.audio_frames,

@@ -75,6 +75,7 @@ class LipSyncOptions:
     box: Optional[Sequence[float]] = None
     feather: float = 0.1
     color_match: bool = False
+    keep_detail: bool = True
     audio_before: int = 2
     audio_after: int = 2
     analysis_batch: int = 16
@@ -232,7 +233,8 @@ class LipSyncPipeline:
                         local = slice(first - window.start, first - window.start + finished.shape[0])
                         span = slice(first, first + finished.shape[0])
                         writer.write(paste_back(frames[local], finished, params[span], editable[span],
-                                                feather=opts.feather, color_match=opts.color_match, inplace=True))
+                                                feather=opts.feather, color_match=opts.color_match, inplace=True,
+                                                keep_detail=opts.keep_detail))
                     if progress is not None:
                         progress("lipsync", number + 1, len(windows))
         finally:

@@ -229,3 +229,29 @@ def test_round_trip_uint8_frames_converts_only_the_footprint():
     assert psnr(out[0][inside].float() / 255, frames[0][inside].float() / 255) >= 45.0
     float_crops = crop_faces(frames.float() / 255, params)
     assert (crops - float_crops).abs().max() < 1e-5
+
+
+def test_keep_detail_pastes_an_unedited_crop_back_exactly_and_an_edit_in_full():
+    """A coarse crop (64 px of a 300 px face) pasted back whole blurs the face; with keep_detail the frame keeps its
+    own pixels where the crop is unchanged, and takes the generated pixels where the edit is strong."""
+    from omnisync_core.face.crop import DETAIL_EDIT
+
+    frames = astronaut()[None].float().contiguous()
+    track = build_track([FrameFaces(ASTRONAUT_BOX[None], torch.ones(1), torch.zeros(1, 6, 2), None)], (512, 512))
+    params = crop_params(track, size=64)
+    crops = crop_faces(frames, params)
+    inside = footprint_mask(params, 0, (512, 512))
+    blurred = paste_back(frames, crops, params)
+    kept = paste_back(frames, crops, params, keep_detail=True)
+    assert psnr(blurred[0][inside], frames[0][inside]) < 35           # the coarse crop loses detail
+    assert (kept - frames).abs().max() < 1e-5                         # unchanged crop: the frame itself
+    edited = crops.clone()
+    edited[0, 40:50, 20:44] = torch.tensor([1.0, 0.0, 0.0])           # a strong edit: a red bar
+    out = paste_back(frames, edited, params, keep_detail=True)
+    centre = params.frame_from_crop[0] @ torch.tensor([32.0, 45.0, 1.0])
+    x, y = centre.round().long().tolist()
+    assert torch.allclose(out[0, y, x], torch.tensor([1.0, 0.0, 0.0]), atol=0.02)   # generated pixels win there
+    far = params.frame_from_crop[0] @ torch.tensor([32.0, 12.0, 1.0])              # forehead, far from the edit
+    x, y = far.round().long().tolist()
+    assert torch.equal(out[0, y, x], frames[0, y, x])
+    assert DETAIL_EDIT > 0

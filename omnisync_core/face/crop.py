@@ -25,6 +25,7 @@ from .track import FaceTrack
 # 39 dB filtered to 2x), so only extreme shrinks are filtered.
 CROP_MAX_STEP = 1.5
 PASTE_MAX_STEP = 4.0
+DETAIL_EDIT = 0.08         # keep_detail: an edit this strong (0..1 scale) replaces the source's fine detail
 
 
 @dataclass
@@ -217,7 +218,8 @@ def _ring_stats(img: Tensor, ring: int) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def paste_back(frames: Tensor, crops: Tensor, params: CropParams, valid: Optional[Tensor] = None,
-               feather: float = 0.1, color_match: bool = False, inplace: bool = False) -> Tensor:
+               feather: float = 0.1, color_match: bool = False, inplace: bool = False,
+               keep_detail: bool = False) -> Tensor:
     """Blend edited ``crops [T, S, S, 3]`` (float 0..1) back into ``frames [T, H, W, 3]`` (float 0..1, or uint8).
 
     The crop is warped back with the inverse transform and blended with a mask that ramps (smoothstep) from 0 at
@@ -225,6 +227,13 @@ def paste_back(frames: Tensor, crops: Tensor, params: CropParams, valid: Optiona
     mean and std of the original crop over the crop's outer band (15% of its side): the model legitimately changes
     the mouth region, so only the band measures its global colour drift, and it is also where the seam lies.
     Frames with ``valid`` False and every pixel outside the crop footprint are returned bit-exact.
+
+    keep_detail=True keeps the frame's own detail where the model changed nothing: the crop is usually coarser
+    than the face in the frame (a 512 crop of a 4K face, the demo model's 64 px crop of any face), so pasting it
+    back whole would blur the face. Instead the frame keeps its pixels plus the upsampled *edit* (edited crop minus
+    the source crop), and where the edit is strong (more than ``DETAIL_EDIT`` in any channel) the source's fine
+    detail gives way to the generated pixels, so no ghost of the old mouth stays. An unedited crop then pastes back
+    exactly. No mask is involved: where to change comes from the model's own output.
     """
     _check_frames(frames, params)
     T, S = frames.shape[0], params.size
@@ -246,12 +255,17 @@ def paste_back(frames: Tensor, crops: Tensor, params: CropParams, valid: Optiona
         edited = crops[t].to(dev, torch.float32).nan_to_num(0.0, 1.0, 0.0)
         warped, grid = _warp(edited.permute(2, 0, 1)[None], theta, (y1 - y0, x1 - x0), steps[t], PASTE_MAX_STEP)
         m = _border_ramp(grid, theta, S, feather * S)
+        orig = crop_faces(frames[t:t + 1], params[t:t + 1])[0].float() if color_match or keep_detail else None
         if color_match:
-            orig = crop_faces(frames[t:t + 1], params[t:t + 1])[0].float()
             (mo, so), (me, se) = _ring_stats(orig, ring), _ring_stats(edited, ring)
             gain = (so / se.clamp_min(1e-6)).clamp(0.5, 2.0)
             warped = (warped - me[:, None, None]) * gain[:, None, None] + mo[:, None, None]
         region = out[t, y0:y1, x0:x1]
+        if keep_detail:
+            base, _ = _warp(orig.permute(2, 0, 1)[None], theta, (y1 - y0, x1 - x0), steps[t], PASTE_MAX_STEP)
+            edit = (warped - base).abs().amax(0, keepdim=True)
+            detail = _region_float(region).permute(2, 0, 1) - base
+            warped = warped + (1 - (edit / DETAIL_EDIT).clamp(0, 1)) * detail
         # lerp with weight exactly 0 returns the frame pixel bit-exact (the crop is made finite above)
         if region.dtype == torch.float32:
             region.lerp_(warped.permute(1, 2, 0), m)
