@@ -419,14 +419,15 @@ def lipsync_frames(frames: Tensor, audio: Tensor, sample_rate: int, fps, generat
     for number, window in enumerate(windows):
         source = frames[plan.index[window.start:window.stop]]
         source = source.float() / 255.0 if source.dtype == torch.uint8 else source.float()
-        crops = pipeline._edit_window(source, window, plan.out_track, plan.params, plan.editable, features, plan.fps)
+        originals, crops = pipeline._crop_and_edit(source, window, plan.out_track, plan.params, plan.editable,
+                                                   features, plan.fps)
         first, finished = fader.add(crops)
         if finished.shape[0]:
             local = slice(first - window.start, first - window.start + finished.shape[0])
             span = slice(first, first + finished.shape[0])
             out[span] = paste_back(source[local], finished, plan.params[span], plan.editable[span],
                                    feather=opts.feather, color_match=opts.color_match, inplace=True,
-                                   keep_detail=opts.keep_detail)
+                                   keep_detail=opts.keep_detail, source_crops=originals[local])
         if progress is not None:
             progress("lipsync", number + 1, len(windows))
     return FramesResult(out, plan.output_audio(), sample_rate, plan.fps, len(windows), plan.timeline.audio_frames,

@@ -227,14 +227,15 @@ class LipSyncPipeline:
             with VideoWriter(out, info.fps, audio=output_audio(original, timeline, info.fps)) as writer:
                 for number, window in enumerate(windows):
                     frames = source.read(index[window.start:window.stop])
-                    crops = self._edit_window(frames, window, out_track, params, editable, features, info.fps)
+                    originals, crops = self._crop_and_edit(frames, window, out_track, params, editable, features,
+                                                           info.fps)
                     first, finished = fader.add(crops)
                     if finished.shape[0]:
                         local = slice(first - window.start, first - window.start + finished.shape[0])
                         span = slice(first, first + finished.shape[0])
                         writer.write(paste_back(frames[local], finished, params[span], editable[span],
                                                 feather=opts.feather, color_match=opts.color_match, inplace=True,
-                                                keep_detail=opts.keep_detail))
+                                                keep_detail=opts.keep_detail, source_crops=originals[local]))
                     if progress is not None:
                         progress("lipsync", number + 1, len(windows))
         finally:
@@ -243,12 +244,13 @@ class LipSyncPipeline:
         return LipSyncReport(os.fspath(out), timeline.num_frames, info.fps, len(windows), timeline.audio_frames,
                              time.perf_counter() - clock, stages, report_warnings)
 
-    def _edit_window(self, frames: Tensor, window: Window, track: FaceTrack, params: CropParams, editable: Tensor,
-                     features: Optional[Tensor], fps: Fraction) -> Tensor:
+    def _crop_and_edit(self, frames: Tensor, window: Window, track: FaceTrack, params: CropParams, editable: Tensor,
+                       features: Optional[Tensor], fps: Fraction) -> tuple[Tensor, Tensor]:
+        """The window's source crops and their edited version (the source crops again where nothing is editable)."""
         span = slice(window.start, window.stop)
         crops = crop_faces(frames, params[span])
         if not bool(editable[span].any()):
-            return crops
+            return crops, crops
         audio = None
         if features is not None:
             aligner = FrameAligner(fps, feature_rate=TOKEN_RATE)
@@ -257,7 +259,7 @@ class LipSyncPipeline:
         mouth, width = mouth_in_crop(track[span], params[span])
         edited = self.generator(crops, audio, mouth, width, self.options.seed + window.start)
         keep = editable[span].view(-1, 1, 1, 1).to(edited.device)
-        return torch.where(keep, edited.to(crops.dtype), crops)
+        return crops, torch.where(keep, edited.to(crops.dtype), crops)
 
 
 def _load_any_audio(audio) -> Waveform:

@@ -248,6 +248,7 @@ def test_keep_detail_pastes_an_unedited_crop_back_exactly_and_an_edit_in_full():
     edited = crops.clone()
     edited[0, 40:50, 20:44] = torch.tensor([1.0, 0.0, 0.0])           # a strong edit: a red bar
     out = paste_back(frames, edited, params, keep_detail=True)
+    assert torch.allclose(paste_back(frames, edited, params, keep_detail=True, source_crops=crops), out, atol=1e-6)
     centre = params.frame_from_crop[0] @ torch.tensor([32.0, 45.0, 1.0])
     x, y = centre.round().long().tolist()
     assert torch.allclose(out[0, y, x], torch.tensor([1.0, 0.0, 0.0]), atol=0.02)   # generated pixels win there

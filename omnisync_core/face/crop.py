@@ -219,7 +219,7 @@ def _ring_stats(img: Tensor, ring: int) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def paste_back(frames: Tensor, crops: Tensor, params: CropParams, valid: Optional[Tensor] = None,
                feather: float = 0.1, color_match: bool = False, inplace: bool = False,
-               keep_detail: bool = False) -> Tensor:
+               keep_detail: bool = False, source_crops: Optional[Tensor] = None) -> Tensor:
     """Blend edited ``crops [T, S, S, 3]`` (float 0..1) back into ``frames [T, H, W, 3]`` (float 0..1, or uint8).
 
     The crop is warped back with the inverse transform and blended with a mask that ramps (smoothstep) from 0 at
@@ -233,7 +233,8 @@ def paste_back(frames: Tensor, crops: Tensor, params: CropParams, valid: Optiona
     back whole would blur the face. Instead the frame keeps its pixels plus the upsampled *edit* (edited crop minus
     the source crop), and where the edit is strong (more than ``DETAIL_EDIT`` in any channel) the source's fine
     detail gives way to the generated pixels, so no ghost of the old mouth stays. An unedited crop then pastes back
-    exactly. No mask is involved: where to change comes from the model's own output.
+    exactly. No mask is involved: where to change comes from the model's own output. ``source_crops`` (the crops the
+    edit started from, ``crop_faces(frames, params)``) saves cropping the frames again for colour match and detail.
     """
     _check_frames(frames, params)
     T, S = frames.shape[0], params.size
@@ -255,7 +256,10 @@ def paste_back(frames: Tensor, crops: Tensor, params: CropParams, valid: Optiona
         edited = crops[t].to(dev, torch.float32).nan_to_num(0.0, 1.0, 0.0)
         warped, grid = _warp(edited.permute(2, 0, 1)[None], theta, (y1 - y0, x1 - x0), steps[t], PASTE_MAX_STEP)
         m = _border_ramp(grid, theta, S, feather * S)
-        orig = crop_faces(frames[t:t + 1], params[t:t + 1])[0].float() if color_match or keep_detail else None
+        orig = None
+        if color_match or keep_detail:
+            orig = (source_crops[t].to(dev, torch.float32) if source_crops is not None
+                    else crop_faces(frames[t:t + 1], params[t:t + 1])[0].float())
         if color_match:
             (mo, so), (me, se) = _ring_stats(orig, ring), _ring_stats(edited, ring)
             gain = (so / se.clamp_min(1e-6)).clamp(0.5, 2.0)
