@@ -115,6 +115,8 @@ def _peak_memory() -> str:
 
 def _cmd_lipsync(args: argparse.Namespace) -> int:
     """Lip-sync a video to an audio track with an OmniSync model."""
+    import torch
+
     from .generator import OmniSyncGenerator, SamplerOptions
     from .model.bundle import DEMO_MODEL, load_bundle
     from .model.loading import resolve_device, resolve_dtype
@@ -128,6 +130,10 @@ def _cmd_lipsync(args: argparse.Namespace) -> int:
     if not os.path.isfile(model_path):
         raise InputError(f"model not found: {model_path}" if args.model else
                          "no --model given and the bundled demo model is not installed")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     bundle = load_bundle(model_path, device=device)
@@ -270,6 +276,9 @@ def _add_lipsync_parser(commands) -> None:
     run.add_argument("--guidance", default="ds-cfg", choices=["ds-cfg", "cfg", "none"],
                      help="audio guidance: spatio-temporal DS-CFG (default), plain CFG, or none")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps (default auto)")
+    run.add_argument("--threads", type=int,
+                     help="CPU threads for PyTorch (default: one per core). Use fewer when other CPU-heavy work "
+                          "runs beside it: threads fighting over the same cores slow every one of them down")
     run.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     run.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same output")
     run.add_argument("--face-index", type=int, help="which face to edit when several are visible, 0 = leftmost")

@@ -70,6 +70,13 @@ def test_lipsync_end_to_end_with_a_tiny_model(tmp_path, tiny_bundle, clip, short
     from omnisync_core.io import VideoReader
     with VideoReader(out) as first, VideoReader(again) as second:
         assert torch.equal(first.read_all(), second.read_all())
+    threads = torch.get_num_threads()
+    try:
+        assert run(["lipsync", "--video", str(clip), "--audio", str(speech_wav), "--out", str(tmp_path / "one.mp4"),
+                    "--model", str(tiny_bundle), "--detector", "none", "--threads", "1"], capsys)[0] == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _bad(tmp_path, capsys, video, audio, model, out=None, match=""):
@@ -86,6 +93,9 @@ def _bad(tmp_path, capsys, video, audio, model, out=None, match=""):
 
 def test_bad_inputs_fail_cleanly(tmp_path, tiny_bundle, clip, speech_wav, capsys):
     _bad(tmp_path, capsys, tmp_path / "missing.mp4", speech_wav, tiny_bundle, match="not found")
+    code, _, err = run(["lipsync", "--video", str(clip), "--audio", str(speech_wav), "--out", str(tmp_path / "t.mp4"),
+                        "--model", str(tiny_bundle), "--threads", "0"], capsys)
+    assert code == 2 and "--threads must be at least 1" in err and not (tmp_path / "t.mp4").exists()
     _bad(tmp_path, capsys, clip, tmp_path / "missing.wav", tiny_bundle, match="not found")
     # A video with no video stream (an audio file given as --video).
     _bad(tmp_path, capsys, speech_wav, speech_wav, tiny_bundle, match="no video stream")
