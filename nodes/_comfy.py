@@ -89,7 +89,8 @@ def download_model(spec: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise InputError("downloading needs huggingface_hub (pip install -r requirements.txt)") from None
+        raise InputError("downloading needs huggingface_hub: install the packages listed in this pack's "
+                         "requirements.txt") from None
     target_dir.mkdir(parents=True, exist_ok=True)
     log.info("OmniSync: downloading %s from %s into %s", filename, repo_id, target_dir)
     try:

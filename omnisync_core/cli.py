@@ -29,7 +29,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             imported = __import__(module)
             print(f"{module} {getattr(imported, '__version__', '?')}")
         except ImportError:
-            print(f"{module} MISSING (pip install -r requirements.txt)")
+            print(f"{module} MISSING (install the packages listed in requirements.txt)")
     return 0
 
 
