@@ -18,7 +18,8 @@ import comfy.utils
 import folder_paths
 
 from ..omnisync_core.errors import InputError
-from ..omnisync_core.frames import audio_channels, fps_fraction
+from ..omnisync_core.audio.waveform import comfy_audio_channels
+from ..omnisync_core.frames import fps_fraction
 from ..omnisync_core.model.bundle import DEMO_MODEL
 
 log = logging.getLogger("omnisync")
@@ -201,17 +202,8 @@ class Progress:
 # ------------------------------------------------------------------------------------------------- type helpers
 
 def read_audio(audio: Mapping) -> tuple[torch.Tensor, int]:
-    """ComfyUI AUDIO -> float32 ``[C, N]`` and its rate. Read by key only: VideoHelperSuite passes a lazy Mapping,
-    and audio decoded by ComfyUI's own video loader may be integer PCM."""
-    if audio is None:
-        raise InputError("no AUDIO is connected")
-    try:
-        waveform, rate = audio["waveform"], audio["sample_rate"]
-    except (KeyError, TypeError):
-        raise InputError("the AUDIO input has no 'waveform' and 'sample_rate'") from None
-    if waveform is None:
-        raise InputError("the AUDIO input has no waveform")
-    return audio_channels(waveform, rate)
+    """ComfyUI AUDIO -> float32 ``[C, N]`` and its rate (read by key; integer PCM normalised)."""
+    return comfy_audio_channels(audio)
 
 
 def comfy_audio(samples: torch.Tensor, rate: int) -> dict:

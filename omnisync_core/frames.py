@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .audio import SAMPLE_RATE, FrameAligner, Waveform, as_fraction, is_silent, prepare_audio
 from .audio.features import TOKEN_RATE, encode_audio
-from .audio.waveform import check_samples, to_float_pcm
+from .audio.waveform import channels_from_array
 from .errors import AudioError, InputError
 from .face.crop import CropParams, crop_faces, crop_params, mouth_in_crop, paste_back
 from .face.track import FaceTrack
@@ -51,22 +51,7 @@ def fps_fraction(fps: Union[int, float, str, Fraction]) -> Fraction:
 
 def audio_channels(waveform: Union[Tensor, np.ndarray], sample_rate) -> tuple[Tensor, int]:
     """A host's audio (``[B=1, C, N]``, ``[C, N]`` or ``[N]``; float or integer PCM) as float32 ``[C, N]``."""
-    samples = to_float_pcm(waveform)
-    if samples.ndim == 3:
-        if samples.shape[0] != 1:
-            raise AudioError(f"expected one audio clip, got a batch of {samples.shape[0]}")
-        samples = samples[0]
-    if samples.ndim == 1:
-        samples = samples.unsqueeze(0)
-    if samples.ndim != 2 or samples.shape[0] == 0:
-        raise AudioError(f"audio must be [B, C, N], [C, N] or [N], got shape {tuple(waveform.shape)}")
-    try:
-        rate = int(sample_rate)
-    except (TypeError, ValueError):
-        raise AudioError(f"sample rate must be a number, got {sample_rate!r}") from None
-    if rate <= 0 or rate != float(sample_rate):
-        raise AudioError(f"sample rate must be a positive whole number of Hz, got {sample_rate!r}")
-    return check_samples(samples.contiguous()), rate
+    return channels_from_array(waveform, sample_rate)
 
 
 def aligned_audio(samples: Tensor, sample_rate: int, num_frames: int, fps: Fraction) -> Tensor:

@@ -57,20 +57,28 @@ def to_float_pcm(samples: Union[Tensor, np.ndarray]) -> Tensor:
     return (tensor.to(torch.float64) - offset).div(scale).to(torch.float32)
 
 
-def to_mono(samples: Tensor, channels_first: bool = True) -> Tensor:
-    """Down-mix ``[N]``, ``[C, N]`` (``[N, C]`` with channels_first=False) or ComfyUI's ``[B, C, N]`` to ``[N]``.
+def to_channels(samples: Tensor, channels_first: bool = True) -> Tensor:
+    """``[N]``, ``[C, N]`` (``[N, C]`` with channels_first=False) or ComfyUI's ``[B, C, N]`` as ``[C, N]``.
 
     A batch of several clips is refused: lip sync takes one audio track.
     """
-    if samples.ndim == 1:
-        return samples
     if samples.ndim == 3:
         if samples.shape[0] != 1:
             raise AudioError(f"expected one audio clip, got a batch of {samples.shape[0]}")
         samples = samples[0]
+    if samples.ndim == 1:
+        return samples.unsqueeze(0)
     if samples.ndim != 2:
         raise AudioError(f"audio must be 1-D, 2-D or 3-D, got shape {tuple(samples.shape)}")
-    return (samples if channels_first else samples.T).mean(dim=0)
+    channels = samples if channels_first else samples.T
+    if channels.shape[0] == 0:
+        raise AudioError("audio has no channels")
+    return channels
+
+
+def to_mono(samples: Tensor, channels_first: bool = True) -> Tensor:
+    """Down-mix any layout :func:`to_channels` takes to ``[N]``."""
+    return samples if samples.ndim == 1 else to_channels(samples, channels_first).mean(dim=0)
 
 
 def check_samples(samples: Tensor, what: str = "audio") -> Tensor:
@@ -100,15 +108,34 @@ def from_array(samples: Union[Tensor, np.ndarray], sample_rate: int, channels_fi
     return Waveform(check_samples(mono.contiguous()), rate)
 
 
-def from_comfy_audio(audio: Mapping) -> Waveform:
-    """A ComfyUI AUDIO value (``{"waveform": [B, C, N], "sample_rate": int}``, possibly a lazy Mapping)."""
+def channels_from_array(samples: Union[Tensor, np.ndarray], sample_rate) -> tuple[Tensor, int]:
+    """Like :func:`from_array` but keeping the channels: checked float32 ``[C, N]`` and the rate (for outputs
+    that give the user's audio back, stereo and all)."""
+    rate = _check_rate(sample_rate)
+    return check_samples(to_channels(to_float_pcm(samples)).contiguous()), rate
+
+
+def _comfy_fields(audio: Mapping) -> tuple[Any, Any]:
+    """``waveform`` and ``sample_rate`` of a ComfyUI AUDIO, read by key (VideoHelperSuite passes a lazy Mapping)."""
+    if audio is None:
+        raise AudioError("no AUDIO is connected")
     try:
         waveform, sample_rate = audio["waveform"], audio["sample_rate"]
     except (KeyError, TypeError):
         raise AudioError("AUDIO input must provide 'waveform' and 'sample_rate'") from None
     if waveform is None:
         raise AudioError("AUDIO input has no waveform")
-    return from_array(waveform, sample_rate)
+    return waveform, sample_rate
+
+
+def from_comfy_audio(audio: Mapping) -> Waveform:
+    """A ComfyUI AUDIO value (``{"waveform": [B, C, N], "sample_rate": int}``, possibly a lazy Mapping)."""
+    return from_array(*_comfy_fields(audio))
+
+
+def comfy_audio_channels(audio: Mapping) -> tuple[Tensor, int]:
+    """A ComfyUI AUDIO value as checked float32 ``[C, N]`` and its rate (integer PCM normalised)."""
+    return channels_from_array(*_comfy_fields(audio))
 
 
 def load_audio(path: PathLike) -> Waveform:
