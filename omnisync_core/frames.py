@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -27,9 +27,8 @@ from .errors import AudioError, InputError
 from .face.crop import CropParams, crop_faces, crop_params, mouth_in_crop, paste_back
 from .face.track import FaceTrack
 from .pipeline import FaceAnalyzer, LipSyncOptions, LipSyncPipeline, ProgressFn, analyze_faces
-from .sampling import flow_sigmas, sample, seeded_noise
-from .timeline import CrossFader, Timeline, Window, plan_timeline, plan_windows, source_frame_index, \
-    valid_window_length
+from .generator import decode_window, encode_window
+from .timeline import CrossFader, Timeline, Window, plan_timeline, plan_windows, source_frame_index
 
 StepFn = Callable[[int, int, Tensor], None]
 
@@ -252,10 +251,6 @@ class LatentWindows:
         return None if not w.editable else (1.0 - self.tau) * w.z_src + self.tau * w.noise
 
 
-def _pad(t: Tensor, tail: int) -> Tensor:
-    return torch.cat([t, t[-1:].expand(tail, *t.shape[1:])]) if tail else t
-
-
 @torch.no_grad()
 def init_latents(crops: Tensor, vae: torch.nn.Module, editable: Tensor, window: int = 81, overlap: int = 8,
                  tau: float = 0.92, seed: int = 0, device=None,
@@ -273,11 +268,7 @@ def init_latents(crops: Tensor, vae: torch.nn.Module, editable: Tensor, window: 
     for w in plan:
         item = WindowLatent(w, int(seed) + w.start)
         if bool(editable[w.start:w.stop].any()):
-            span = crops[w.start:w.stop]
-            video = _pad(span, valid_window_length(len(w)) - len(w))
-            video = video.permute(3, 0, 1, 2).unsqueeze(0).to(device, torch.float32).mul(2).sub(1)
-            item.z_src = vae.encode(video)
-            item.noise = seeded_noise(item.z_src.shape, item.seed, device=device)
+            item.z_src, item.noise = encode_window(vae, crops[w.start:w.stop], item.seed, device)
         windows.append(item)
         if window_callback is not None:
             window_callback(len(windows), len(plan))
@@ -300,30 +291,15 @@ def sample_latents(latents: LatentWindows, generator, embeds: AudioEmbeds, plan:
     if abs(float(opts.tau) - latents.tau) > 1e-9:
         raise InputError(f"the latents were initialised at tau {latents.tau:g} but the sampler is set to tau "
                          f"{float(opts.tau):g}; give both the same tau")
-    sigmas = flow_sigmas(opts.steps, opts.shift)
     size = latents.crops.shape[1]
     done = []
     for number, item in enumerate(latents.windows):
         if item.editable:
-            w = item.window
-            span = slice(w.start, w.stop)
-            tail = valid_window_length(len(w)) - len(w)
+            span = slice(item.window.start, item.window.stop)
             mouth, width = mouth_in_crop(plan.out_track[span], plan.params[span])
-            mouth, width = _pad(mouth, tail), _pad(width, tail)
-            audio = _pad(embeds.frame_windows(torch.arange(w.start, w.stop)), tail)
-            latent_hw = tuple(item.z_src.shape[-2:])
-            guidance = generator._guidance(mouth, width, size, latent_hw)
-            tokens = audio.unsqueeze(0).to(generator.device, generator.dtype)
-            source = item.z_src.to(generator.dtype)
-
-            def velocity(x: Tensor, sigma: Tensor, with_audio: bool) -> Tensor:
-                out = generator.dit(x.to(generator.dtype), sigma.reshape(1), source=source,
-                                    audio=tokens if with_audio else None)
-                return out.float()
-
-            z, generator.last_stats = sample(velocity, item.z_src, item.noise, sigmas, latents.tau, guidance,
-                                             step_callback)
-            item = replace(item, z=z)
+            audio = embeds.frame_windows(torch.arange(span.start, span.stop))
+            item = replace(item, z=generator.denoise(item.z_src, item.noise, audio, mouth, width, size,
+                                                     step_callback))
         done.append(item)
         if window_callback is not None:
             window_callback(number + 1, len(latents.windows))
@@ -344,8 +320,7 @@ def decode_latents(latents: LatentWindows, vae: torch.nn.Module,
         w = item.window
         source = crops[w.start:w.stop]
         if item.editable:
-            decoded = vae.decode(item.z)
-            edited = decoded[0, :, :len(w)].permute(1, 2, 3, 0).add(1).div(2).clamp(0, 1).cpu()
+            edited = decode_window(vae, item.z, len(w))
             keep = latents.editable[w.start:w.stop].view(-1, 1, 1, 1)
             window_crops = torch.where(keep, edited.to(source.dtype), source)
         else:

@@ -83,22 +83,15 @@ class OmniSyncGenerator:
         return DSCFGGuidance(mouth.unsqueeze(0).to(self.device), width.unsqueeze(0), latent_hw, opts.tau, opts.ds_cfg)
 
     @torch.no_grad()
-    def __call__(self, crops: Tensor, audio: Optional[Tensor], mouth_xy: Tensor, face_width: Tensor,
-                 seed: int) -> Tensor:
-        if audio is None:
-            raise InputError("the OmniSync generator needs per-frame audio tokens")
-        frames, size = crops.shape[0], crops.shape[1]
-        padded = valid_window_length(frames)
-        tail = padded - frames     # pad short windows to 4k + 1 by repeating the last frame
-        video = torch.cat([crops, crops[-1:].expand(tail, -1, -1, -1)]) if tail else crops
-        audio = torch.cat([audio, audio[-1:].expand(tail, -1, -1)]) if tail else audio
-        video = video.permute(3, 0, 1, 2).unsqueeze(0).to(self.device, torch.float32).mul(2).sub(1)
-        z_src = self.vae.encode(video)
-        latent_hw = tuple(z_src.shape[-2:])
-        mouth = torch.cat([mouth_xy, mouth_xy[-1:].expand(tail, -1)]) if tail else mouth_xy
-        width = torch.cat([face_width, face_width[-1:].expand(tail)]) if tail else face_width
-        guidance = self._guidance(mouth, width, size, latent_hw)
-        tokens = audio.unsqueeze(0).to(self.device, self.dtype)
+    def denoise(self, z_src: Tensor, noise: Tensor, audio: Tensor, mouth_xy: Tensor, face_width: Tensor,
+                crop_size: int, step_callback: Optional[Callable[[int, int, Tensor], None]] = None) -> Tensor:
+        """Sample one window's latent: from ``z_src`` noised to tau by ``noise`` (progressive init), under the
+        configured guidance. ``audio [n, A, D]``, ``mouth_xy [n, 2]`` and ``face_width [n]`` cover the window's n
+        video frames; they are padded like the crops (see :func:`encode_window`)."""
+        tail = valid_window_length(audio.shape[0]) - audio.shape[0]
+        mouth, width = pad_frames(mouth_xy, tail), pad_frames(face_width, tail)
+        guidance = self._guidance(mouth, width, crop_size, tuple(z_src.shape[-2:]))
+        tokens = pad_frames(audio, tail).unsqueeze(0).to(self.device, self.dtype)
         z_src_model = z_src.to(self.dtype)
 
         def velocity(x: Tensor, sigma: Tensor, with_audio: bool) -> Tensor:
@@ -106,8 +99,37 @@ class OmniSyncGenerator:
                            audio=tokens if with_audio else None)
             return out.float()
 
-        noise = seeded_noise(z_src.shape, seed, device=self.device)
         sigmas = flow_sigmas(self.options.steps, self.options.shift)
-        z, self.last_stats = sample(velocity, z_src, noise, sigmas, self.options.tau, guidance, self.step_callback)
-        decoded = self.vae.decode(z)
-        return decoded[0, :, :frames].permute(1, 2, 3, 0).add(1).div(2).clamp(0, 1).cpu()
+        z, self.last_stats = sample(velocity, z_src, noise, sigmas, self.options.tau, guidance,
+                                    step_callback if step_callback is not None else self.step_callback)
+        return z
+
+    @torch.no_grad()
+    def __call__(self, crops: Tensor, audio: Optional[Tensor], mouth_xy: Tensor, face_width: Tensor,
+                 seed: int) -> Tensor:
+        if audio is None:
+            raise InputError("the OmniSync generator needs per-frame audio tokens")
+        z_src, noise = encode_window(self.vae, crops, seed, self.device)
+        z = self.denoise(z_src, noise, audio, mouth_xy, face_width, crops.shape[1])
+        return decode_window(self.vae, z, crops.shape[0])
+
+
+def pad_frames(t: Tensor, tail: int) -> Tensor:
+    """``t`` with its last frame repeated ``tail`` times (windows are padded to 4k + 1 frames)."""
+    return torch.cat([t, t[-1:].expand(tail, *t.shape[1:])]) if tail else t
+
+
+@torch.no_grad()
+def encode_window(vae, crops: Tensor, seed: int, device=None) -> tuple[Tensor, Tensor]:
+    """A window's crops ``[n, S, S, 3]`` (0..1, padded to 4k + 1 frames by repeating the last) -> the source
+    latent and the noise drawn for it from ``seed``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    video = pad_frames(crops, valid_window_length(crops.shape[0]) - crops.shape[0])
+    z_src = vae.encode(video.permute(3, 0, 1, 2).unsqueeze(0).to(device, torch.float32).mul(2).sub(1))
+    return z_src, seeded_noise(z_src.shape, seed, device=device)
+
+
+@torch.no_grad()
+def decode_window(vae, z: Tensor, frames: int) -> Tensor:
+    """A sampled latent -> the window's first ``frames`` crops ``[frames, S, S, 3]`` float 0..1 on the CPU."""
+    return vae.decode(z)[0, :, :frames].permute(1, 2, 3, 0).add(1).div(2).clamp(0, 1).cpu()
