@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,18 +13,12 @@ from omnisync_core.audio import FrameAligner, load_audio
 from omnisync_core.io import VideoReader, VideoWriter, probe_video
 from omnisync_core.pipeline import LipSyncOptions, LipSyncPipeline, PassThroughGenerator
 
+from tiny_models import talking_pattern
+
 
 def moving_pattern(frames: int, height: int = 192, width: int = 256) -> torch.Tensor:
-    """A smooth, codec-friendly moving picture with a face-sized blob in the middle (uint8 [T, H, W, 3])."""
-    t = torch.arange(frames, dtype=torch.float32).view(-1, 1, 1)
-    y = torch.linspace(0, 1, height).view(1, -1, 1)
-    x = torch.linspace(0, 1, width).view(1, 1, -1)
-    r = 0.5 + 0.4 * torch.sin(2 * math.pi * (x + 0.02 * t))
-    g = 0.5 + 0.4 * torch.cos(2 * math.pi * (y - 0.015 * t))
-    blob = torch.exp(-(((x - 0.5) * width) ** 2 + ((y - 0.5) * height) ** 2) / (2 * 30.0 ** 2))
-    b = 0.3 + 0.6 * blob.expand(frames, -1, -1)
-    return (torch.stack([r.expand(frames, height, width), g.expand(frames, height, width), b], -1) * 255).round().to(
-        torch.uint8)
+    """tiny_models.talking_pattern as uint8 video frames, with a larger blob."""
+    return (talking_pattern(frames, height, width, blob_radius=30.0) * 255).round().to(torch.uint8)
 
 
 def write_clip(path: Path, frames: torch.Tensor, fps, crf: int = 18) -> Path:

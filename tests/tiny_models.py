@@ -37,14 +37,15 @@ def write_tiny_bundle(path: Path, seed: int = 0, defaults: dict | None = None) -
     return save_bundle(path, dit, vae, whisper, dict(TINY_DEFAULTS if defaults is None else defaults))
 
 
-def talking_pattern(frames: int, height: int = 96, width: int = 128) -> torch.Tensor:
-    """A moving picture with a face-sized blob in the middle, float 0..1 [T, H, W, 3] (a ComfyUI IMAGE)."""
+def talking_pattern(frames: int, height: int = 96, width: int = 128, blob_radius: float = 20.0) -> torch.Tensor:
+    """A smooth, codec-friendly moving picture with a face-sized blob in the middle, float 0..1 [T, H, W, 3] (a
+    ComfyUI IMAGE)."""
     t = torch.arange(frames, dtype=torch.float32).view(-1, 1, 1)
     y = torch.linspace(0, 1, height).view(1, -1, 1)
     x = torch.linspace(0, 1, width).view(1, 1, -1)
     r = 0.5 + 0.4 * torch.sin(2 * math.pi * (x + 0.02 * t))
     g = 0.5 + 0.4 * torch.cos(2 * math.pi * (y - 0.015 * t))
-    blob = torch.exp(-(((x - 0.5) * width) ** 2 + ((y - 0.5) * height) ** 2) / (2 * 20.0 ** 2))
+    blob = torch.exp(-(((x - 0.5) * width) ** 2 + ((y - 0.5) * height) ** 2) / (2 * blob_radius ** 2))
     b = 0.3 + 0.6 * blob.expand(frames, -1, -1)
     return torch.stack([r.expand(frames, height, width), g.expand(frames, height, width), b], -1)
 
