@@ -84,18 +84,12 @@ def cmd_train(work: Path, args) -> None:
 def bundle_from_checkpoint(checkpoint: Path, out: Path, work: Path, dtype=torch.float16, ema: bool = True) -> Path:
     """A demo bundle from a training checkpoint (its EMA weights unless ``ema`` is False), the config's codec and
     defaults, and Whisper."""
-    from omnisync_core.model.dit import DiTConfig
-    from omnisync_core.model.loading import load_dit, read_safetensors
     from omnisync_core.train.config import build_codec
+    from omnisync_core.train.trainer import bundle_defaults, dit_from_checkpoint
 
-    tensors, meta = read_safetensors(checkpoint)
-    state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    if ema:
-        state.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    dit = load_dit(state, preset=DiTConfig.from_dict(json.loads(meta["dit_config"])))
+    dit, meta = dit_from_checkpoint(checkpoint, use_ema=ema)
     cfg = load_config(CONFIG)
-    defaults = {"crop_size": CROP, "audio_before": cfg.audio_before, "audio_after": cfg.audio_after,
-                "steps": 50, "tau": 0.92, "shift": 5.0, **cfg.bundle_defaults}
+    defaults = bundle_defaults(cfg, CROP)
     card = {"name": "omnisync-demo", "trained_steps": int(meta["step"]),
             "description": "OmniSync demonstration model trained on synthetic cartoon faces (see omnisync_demo.md); "
                            "not a photoreal model",

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import OmniSyncError
-from ..model.dit import MIN_SIGMA, OmniSyncDiT, get_config
+from ..model.dit import MIN_SIGMA, DiTConfig, OmniSyncDiT, get_config
 from .config import ConfigError, TrainConfig, build_codec, load_config
 from .data import LipSyncDataset, PairSampler, _atomic_save
 
@@ -617,10 +617,7 @@ class Trainer:
         return dit.eval()
 
     def bundle_defaults(self) -> dict:
-        cfg = self.cfg
-        return {"window": cfg.window, "overlap": 8 if cfg.window > 16 else 2, "crop_size": self.dataset.size,
-                "audio_before": cfg.audio_before, "audio_after": cfg.audio_after, "steps": 50, "tau": 0.92,
-                "shift": 5.0, **cfg.bundle_defaults}
+        return bundle_defaults(self.cfg, self.dataset.size)
 
     def export(self) -> Optional[Path]:
         """Write the inference model (see :func:`export_bundle`) on rank 0."""
@@ -636,6 +633,28 @@ class Trainer:
             self._pool, self._pending = None, {}
         if self._own_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def bundle_defaults(cfg: TrainConfig, crop_size: int) -> dict:
+    """Inference defaults a model trained with ``cfg`` on ``crop_size`` px crops ships with (the config's
+    ``bundle_defaults`` win)."""
+    return {"window": cfg.window, "overlap": 8 if cfg.window > 16 else 2, "crop_size": crop_size,
+            "audio_before": cfg.audio_before, "audio_after": cfg.audio_after, "steps": 50, "tau": 0.92,
+            "shift": 5.0, **cfg.bundle_defaults}
+
+
+def dit_from_checkpoint(path, use_ema: bool = True) -> tuple[OmniSyncDiT, dict]:
+    """The DiT of a training checkpoint (its EMA weights where kept, unless ``use_ema`` is False) and the
+    checkpoint's metadata."""
+    from ..model.loading import load_dit, read_safetensors
+
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != CKPT_FORMAT:
+        raise ConfigError(f"{Path(path).name} is not an OmniSync training checkpoint.")
+    state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    if use_ema:
+        state.update({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    return load_dit(state, preset=DiTConfig.from_dict(json.loads(meta["dit_config"]))), meta
 
 
 def _strip(name: str) -> str:
