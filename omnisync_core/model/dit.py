@@ -132,12 +132,14 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Attention(nn.Module):
-    """Multi-head (self or cross) attention with Wan's q/k RMSNorm over the full dim; SDPA kernel."""
+    """Multi-head (self or cross) attention with Wan's q/k RMSNorm over the full dim; SDPA kernel.
+    `context_dim` is the width of the k/v input (default: dim)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, context_dim: "int | None" = None):
         super().__init__()
         self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        kv = context_dim or dim
+        self.q, self.k, self.v, self.o = (nn.Linear(i, dim) for i in (dim, kv, kv, dim))
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
