@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import wave
@@ -11,7 +12,24 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# The suite runs at the thread count CI uses (2) unless OMP_NUM_THREADS asks for another: results that depend on the
+# thread count (float reduction order) are compared with tolerances, so the suite is green at 1 and at 2 threads.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
+
+if os.environ.get("OMNISYNC_TEST_MISALIGNED_WEIGHTS") == "1":
+    # Proof that no test depends on where loaded weights sit: every tensor the loader returns is a view at an odd
+    # offset (8 bytes past a 64-byte boundary, as safetensors' own tensors were) instead of its own aligned storage.
+    from omnisync_core.model import loading as _loading
+
+    def _misaligned(t, device, dtype):
+        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        size = torch.empty(0, dtype=cast).element_size()
+        raw = torch.empty(t.numel() * size + 64 + 8, dtype=torch.uint8, device=device)
+        start = (-raw.data_ptr()) % 64 + 8
+        out = raw[start:start + t.numel() * size].view(cast).view(t.shape)
+        return out.copy_(t)
+
+    _loading._owned = _misaligned
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

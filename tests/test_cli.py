@@ -55,8 +55,11 @@ def test_import_wan_and_check_model(tmp_path, capsys):
     x, text = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 5, 32)
     sigma = torch.tensor([0.4])
     with torch.no_grad():
-        assert torch.equal(model(x, sigma, source=torch.randn_like(x), audio=torch.randn(1, 5, 3, 64), text=text),
-                           base(x, sigma, text=text))
+        got = model(x, sigma, source=torch.randn_like(x), audio=torch.randn(1, 5, 3, 64), text=text)
+        want = base(x, sigma, text=text)
+    # equal up to float summation order: the imported model's weights live in other allocations than the base's,
+    # and CPU kernels may take another code path for them (test_dit checks the bit-exact zero init on shared storage)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
     assert main(["check-model", str(out)]) == 0
     assert "OmniSync DiT" in capsys.readouterr().out
     assert main(["check-model", str(tmp_path / "wan.safetensors")]) == 0   # a plain Wan base loads too

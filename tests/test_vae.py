@@ -124,7 +124,9 @@ def test_from_state_dict_infers_config_and_loads(pair):
     assert loaded.config == ours.config
     x = _video(5, 16, 16, seed=3)
     with torch.no_grad():
-        assert torch.equal(loaded.encode(x), ours.encode(x))
+        want = ours.encode(x)
+        # same weights in other allocations: equal up to the summation order the kernels pick for them
+        torch.testing.assert_close(loaded.encode(x), want, rtol=0, atol=1e-6 * float(want.abs().max()))
     bad = dict(ours.state_dict())
     bad.pop("decoder.head.2.bias")
     with pytest.raises(InputError, match="missing"):

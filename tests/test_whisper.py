@@ -265,8 +265,10 @@ def test_state_dict_round_trip_openai_layout(tmp_path):
     with torch.no_grad():
         ref = src(mel)
         assert not torch.equal(ref, _tiny_model(1)(mel))
-        assert torch.equal(dst(mel), ref)
-        assert torch.equal(from_file(mel), ref)
+        # the same weights copied into other allocations: equal up to the kernels' summation order
+        tol = dict(rtol=0, atol=1e-6 * float(ref.abs().max()))
+        torch.testing.assert_close(dst(mel), ref, **tol)
+        torch.testing.assert_close(from_file(mel), ref, **tol)
 
 
 def test_bad_state_dict_names_the_key():

@@ -17,11 +17,11 @@ import struct
 from dataclasses import asdict, dataclass, field, is_dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors import torch as st
 
 from .. import __version__
@@ -36,7 +36,8 @@ from .vae_keys import diffusers_to_wan_vae, is_diffusers_vae
 from .wan_keys import normalize_wan_state_dict
 
 __all__ = [
-    "CheckpointError", "PickleCheckpointError", "CheckpointMismatchError", "ValidationReport", "read_safetensors",
+    "CheckpointError", "PickleCheckpointError", "CheckpointMismatchError", "ValidationReport", "TensorInfo",
+    "read_header", "iter_safetensors", "read_safetensors",
     "save_model", "load_dit", "omnisync_from_wan", "load_vae", "load_whisper", "infer_dit_config",
     "validate_state_dict", "resolve_device", "resolve_dtype", "resolve_model_path",
 ]
@@ -79,6 +80,7 @@ def _sniff(path: Path, size: int) -> None:
 
 
 def _parse_header(path: Path, size: int) -> dict:
+    """The whole JSON header of a safetensors file, checked against the file's size."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         if n > _MAX_HEADER:
@@ -112,28 +114,83 @@ def _parse_header(path: Path, size: int) -> dict:
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path.name} is corrupt: its safetensors __metadata__ is not a JSON object.")
-    return meta
+    return header
 
 
-def read_safetensors(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a ``.safetensors`` file: (state dict on ``device``, metadata dict).
-
-    Raises :class:`PickleCheckpointError` for pickle/zip checkpoints (detected by content, never unpickled) and
-    :class:`CheckpointError` for a missing path, a folder, or a truncated/corrupt file.
-    """
+def _checked_path(path) -> Path:
+    """``path`` as a safetensors file whose header is sound (pickles refused by content, never unpickled)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"Checkpoint not found: {path}.")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; give the path of a .safetensors file.")
-    size = path.stat().st_size
-    _sniff(path, size)
-    meta = _parse_header(path, size)
+    _sniff(path, path.stat().st_size)
+    return path
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors header: its safetensors dtype name (``F16``, ``F8_E4M3`` ...) and shape."""
+
+    dtype: str
+    shape: tuple
+
+
+def read_header(path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors (name -> :class:`TensorInfo`) and metadata of a safetensors file, reading only its header: a
+    checkpoint of any size is recognised in milliseconds. Raises like :func:`read_safetensors`."""
+    path = _checked_path(path)
+    header = _parse_header(path, path.stat().st_size)
+    tensors = {k: TensorInfo(v["dtype"], tuple(int(s) for s in v["shape"])) for k, v in header.items()
+               if k != "__metadata__"}
+    return tensors, _metadata(header)
+
+
+def _metadata(header: dict) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+
+
+def _owned(t: torch.Tensor, device: torch.device, dtype: "torch.dtype | None") -> torch.Tensor:
+    """A copy of ``t`` in a fresh allocation of its own on ``device`` (cast floating tensors to ``dtype``)."""
+    cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    return torch.empty(t.shape, dtype=cast, device=device).copy_(t)
+
+
+def iter_safetensors(path, device="cpu", dtype: "torch.dtype | None" = None, keys=None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from a safetensors file one tensor at a time, each in its own allocation.
+
+    What it costs: every tensor is copied once, from the file's memory mapping into a fresh (aligned,
+    contiguous) allocation on ``device``, cast to ``dtype`` on the way if given. Peak memory is the tensors kept by
+    the caller plus one tensor in flight; the mapped pages are file-backed and the kernel drops them as needed, so
+    a checkpoint larger than RAM streams onto a GPU. No tensor is a view into the file: safetensors' own tensors sit
+    at whatever offset the header puts them (seen: 8 bytes past a 64-byte boundary), and CPU kernels pick other
+    (bit-different) code paths for unaligned data. ``keys`` limits the read to those names (others are skipped).
+    """
+    path = _checked_path(path)
+    _parse_header(path, path.stat().st_size)
+    device = torch.device(device)
     try:
-        sd = st.load_file(str(path), device=str(torch.device(device)))
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            wanted = None if keys is None else set(keys)
+            names = [k for k in f.keys() if wanted is None or k in wanted]
+            for name in names:
+                yield name, _owned(f.get_tensor(name), device, dtype)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path.name} could not be read as safetensors ({e}).") from None
-    return sd, {str(k): str(v) for k, v in meta.items()}
+
+
+def read_safetensors(path, device="cpu", dtype: "torch.dtype | None" = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a ``.safetensors`` file: (state dict on ``device``, metadata dict). Every tensor has its own aligned
+    storage (see :func:`iter_safetensors` for what that costs); ``dtype`` casts floating tensors as they load.
+
+    Raises :class:`PickleCheckpointError` for pickle/zip checkpoints (detected by content, never unpickled) and
+    :class:`CheckpointError` for a missing path, a folder, or a truncated/corrupt file.
+    """
+    path = _checked_path(path)
+    meta = _metadata(_parse_header(path, path.stat().st_size))
+    return dict(iter_safetensors(path, device=device, dtype=dtype)), meta
 
 
 def _config_dict(config) -> dict:
