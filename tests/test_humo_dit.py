@@ -80,8 +80,9 @@ def test_guidance_passes_as_one_batch(fx, model):
     length = max(p[2].shape[1] for p in ps)
     text = torch.cat([torch.nn.functional.pad(p[2], (0, 0, 0, length - p[2].shape[1])) for p in ps])
     x = fx["in.latent"][:, :, :T].expand(len(ps), -1, -1, -1, -1)
+    sigma, audio, ref = torch.stack([p[4] for p in ps]), torch.cat([p[3] for p in ps]), torch.cat([p[1] for p in ps])
     with torch.no_grad():
-        v = model(x, torch.stack([p[4] for p in ps]), text, torch.cat([p[3] for p in ps]), torch.cat([p[1] for p in ps]))
+        v = model(x, sigma, text, audio, ref)
     want = torch.cat([fx[f"out.{p[0]}"][:, :, :T] for p in ps])
     torch.testing.assert_close(v, want, atol=ATOL, rtol=0)
 

@@ -38,7 +38,7 @@ from .loading import (
 from .rope import rope_freqs
 
 __all__ = ["HumoConfig", "HUMO_PRESETS", "HumoDiT", "humo_config", "humo_config_from_shapes", "humo_shapes",
-           "humo_param_count", "is_humo", "load_humo", "strip_comfy_prefix"]
+           "humo_param_count", "humo_label", "is_humo", "load_humo", "strip_comfy_prefix"]
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _DETECT = ("audio_proj.audio_proj_glob_1.layer.weight", "audio_proj.audio_proj_glob_1.layer.bias")
@@ -196,7 +196,7 @@ class HumoDiT(nn.Module):
     embed_time = OmniSyncDiT.embed_time      # sigma -> (e, e0), timestep = 1000 * sigma, fp32
     embed_text = OmniSyncDiT.embed_text      # umT5 features [B|1, L, text_dim], zero-padded to text_len
 
-    def __init__(self, config: "HumoConfig | str" = "humo-1.7b"):
+    def __init__(self, config: "HumoConfig | str"):
         super().__init__()
         c = self.config = humo_config(config)
         self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
@@ -315,8 +315,8 @@ def humo_config_from_shapes(shapes: Mapping, num_heads: "int | None" = None) -> 
 
     Recognised by `audio_proj.audio_proj_glob_1.layer.*` (as ComfyUI); bare upstream names or ComfyUI's
     `model.diffusion_model.` prefix. Heads: `num_heads`, else a preset of the same width, else dim // 128 (Wan's
-    head dim, as ComfyUI). The window split of audio_proj's input (8 features x 5 groups) and text_len (512) are
-    not visible in shapes: they come from a preset of the same width, else HuMo's values. Raises WeightsError with the reason otherwise.
+    head dim, as ComfyUI). The window split of audio_proj's input (8 features x 5 groups), text_len and eps are not
+    visible in shapes: they come from a preset of the same width, else HuMo's values. Raises WeightsError otherwise.
     """
     sd = {k: _shape(v) for k, v in strip_comfy_prefix(shapes).items()}
     if not any(k in sd for k in _DETECT):
