@@ -92,6 +92,10 @@ class CastLinear(nn.Linear):
 class CastEmbedding(nn.Embedding):
     """Embedding that returns ``dtype`` rows; a float8 table is gathered first, then cast (and NaN-cleaned)."""
 
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:  # random init on the meta device costs ~2 s of torch start-up, for nothing
+            super().reset_parameters()
+
     def forward(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         rows = F.embedding(ids, self.weight).to(dtype)
         return torch.nan_to_num(rows) if is_fp8(self.weight) else rows  # as ComfyUI does for fp8 tables
