@@ -46,11 +46,16 @@ def plan_chunks(num_tokens: int, context: int = 250) -> list[Chunk]:
     return chunks
 
 
+def chunk_log_mel(samples: Tensor, chunk: Chunk, n_mels: int) -> Tensor:
+    """The encoder input of one window: log-mel ``[n_mels, 3000]`` of the 30 s from token ``chunk.start`` on,
+    zero-padded past the end of the track (as Whisper pads its 30 s window)."""
+    begin = chunk.start * TOKEN_SAMPLES
+    return log_mel_spectrogram(samples[begin: begin + CHUNK_SAMPLES], n_mels=n_mels, pad_to_frames=CHUNK_FRAMES)
+
+
 def _window_mels(samples: Tensor, chunks: list[Chunk], n_mels: int) -> Iterator[Tensor]:
     for chunk in chunks:
-        begin = chunk.start * TOKEN_SAMPLES
-        segment = samples[begin: begin + CHUNK_SAMPLES]
-        yield log_mel_spectrogram(segment, n_mels=n_mels, pad_to_frames=CHUNK_FRAMES)
+        yield chunk_log_mel(samples, chunk, n_mels)
 
 
 @torch.no_grad()

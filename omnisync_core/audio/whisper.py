@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ __all__ = [
     "to_openai_whisper_encoder",
     "load_whisper_encoder_state_dict",
     "infer_whisper_config",
+    "whisper_config_from_shapes",
+    "whisper_preset_name",
+    "whisper_encoder_keys",
     "whisper_encoder_from_state_dict",
     "load_whisper_encoder",
 ]
@@ -134,27 +137,62 @@ class WhisperEncoder(nn.Module):
         self.ln_post = LayerNorm(d)
 
     def forward(
-        self, mel: torch.Tensor, output_hidden_states: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        self, mel: torch.Tensor, output_hidden_states: bool = False,
+        layer_groups: Sequence[tuple[int, int]] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Encode log-mel frames.
 
-        Returns the final (``ln_post``-normalised) features, or with ``output_hidden_states`` the pair
-        ``(final, [output of block 0, ..., output of block n_layers - 1])`` (block outputs are not normalised).
+        Returns the final (``ln_post``-normalised) features ``[B, T, d_model]``; with ``output_hidden_states`` also
+        ``[output of block 0, ..., output of block n_layers - 1]`` (block outputs are not normalised); with
+        ``layer_groups`` also ``[B, T, len(layer_groups), d_model]`` float32, the mean of each group of Hugging Face
+        hidden states (``(start, stop)``, stop exclusive), kept as running sums so that the states themselves are
+        never held. In HF's numbering (``WhisperEncoder(..., output_hidden_states=True).hidden_states``) entry 0 is
+        the conv + position output (the input of block 0), entry i the output of block i - 1 for
+        ``1 <= i < n_layers``, and entry ``n_layers`` the final normalised output. The extras come in that order:
+        ``(final, hidden)``, ``(final, groups)`` or ``(final, hidden, groups)``.
         """
         cfg = self.config
         if mel.ndim != 3 or mel.shape[1] != cfg.n_mels:
             raise InputError(f"Whisper expects log-mel of shape [batch, {cfg.n_mels}, frames], got {list(mel.shape)}.")
         if not 0 < mel.shape[-1] <= 2 * cfg.n_ctx:
             raise InputError(f"Whisper takes 1 to {2 * cfg.n_ctx} mel frames per chunk, got {mel.shape[-1]}.")
+        groups = _check_groups(layer_groups, cfg.n_layers)
         x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        sums: list[torch.Tensor | None] = [None] * len(groups)
+        _accumulate(sums, groups, 0, x)
         hidden = []
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks, start=1):
             x = block(x)
-            hidden.append(x)
+            if output_hidden_states:
+                hidden.append(x)
+            if index < cfg.n_layers:   # HF's entry n_layers is the normalised output, not the raw last block
+                _accumulate(sums, groups, index, x)
         x = self.ln_post(x)
-        return (x, hidden) if output_hidden_states else x
+        _accumulate(sums, groups, cfg.n_layers, x)
+        extras: list = [hidden] if output_hidden_states else []
+        if layer_groups is not None:
+            extras.append(torch.stack([s / (stop - start) for s, (start, stop) in zip(sums, groups)], dim=2))
+        return (x, *extras) if extras else x
+
+
+def _check_groups(layer_groups: Sequence[tuple[int, int]] | None, n_layers: int) -> list[tuple[int, int]]:
+    groups = [(int(a), int(b)) for a, b in (layer_groups or ())]
+    if layer_groups is not None and not groups:
+        raise InputError("layer_groups must name at least one (start, stop) range of hidden states.")
+    for start, stop in groups:
+        if not 0 <= start < stop <= n_layers + 1:
+            raise InputError(f"A Whisper layer group must satisfy 0 <= start < stop <= {n_layers + 1} "
+                             f"(there are {n_layers + 1} hidden states), got ({start}, {stop}).")
+    return groups
+
+
+def _accumulate(sums: list, groups: list[tuple[int, int]], index: int, x: torch.Tensor) -> None:
+    """Add hidden state ``index`` (HF numbering) to the running float32 sum of every group that holds it."""
+    for g, (start, stop) in enumerate(groups):
+        if start <= index < stop:
+            sums[g] = x.to(torch.float32, copy=True) if sums[g] is None else sums[g].add_(x)
 
 
 # --- state-dict layouts -------------------------------------------------------------------------
@@ -174,7 +212,26 @@ _HF_TOP_RENAMES = {"embed_positions.weight": "positional_embedding", "layer_norm
 _HF_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def _encoder_part(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+_ENCODER_PREFIXES = ("model.encoder.", "encoder.")
+
+
+def _encoder_prefix(names) -> str:
+    """The prefix of a full model's encoder entries (HF ``model.encoder.``, openai/bare ``encoder.``), else ''."""
+    names = list(names)
+    return next((p for p in _ENCODER_PREFIXES if any(k.startswith(p) for k in names)), "")
+
+
+def whisper_encoder_keys(names) -> list[str]:
+    """The names of a checkpoint's tensors that belong to the encoder: those under ``model.encoder.`` or
+    ``encoder.`` when the file holds a whole model (decoder, ``proj_out`` left out), else every name. Pass it to
+    ``iter_safetensors(..., keys=...)`` so that a full Whisper's decoder is never read."""
+    names = list(names)
+    prefix = _encoder_prefix(names)
+    return [k for k in names if k.startswith(prefix)]
+
+
+def _encoder_part(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...] = _ENCODER_PREFIXES
+                  ) -> dict[str, torch.Tensor]:
     """Keep only the encoder's entries of a full-model state dict, with the encoder prefix stripped."""
     for prefix in prefixes:
         if any(k.startswith(prefix) for k in state_dict):
@@ -236,22 +293,39 @@ def load_whisper_encoder_state_dict(
     return model
 
 
+def whisper_config_from_shapes(
+    shapes: Mapping[str, object], n_heads: int | None = None, head_dim: int = 64
+) -> WhisperEncoderConfig:
+    """The encoder shape from a checkpoint's ``name -> shape`` (tuples, tensors, or ``TensorInfo`` from
+    ``read_header``), either layout, whole model or encoder only: ``n_mels`` and ``d_model`` from ``conv1``, the
+    layer count from the block indices, ``n_ctx`` from the positions if stored.
+
+    The head count is not visible in the shapes; every released Whisper uses 64-wide heads, hence
+    ``n_heads = d_model // head_dim`` unless ``n_heads`` is given. Comfy-Org's ``whisper_large_v3_fp16`` gives
+    ``WHISPER_PRESETS["large-v3"]`` (128 mels, 1280 wide, 32 layers); :func:`whisper_preset_name` names it.
+    """
+    sd = to_openai_whisper_encoder({k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()})
+    if "conv1.weight" not in sd:
+        raise WhisperWeightsError("This checkpoint holds no Whisper encoder (no conv1.weight key).")
+    d_model, n_mels = sd["conv1.weight"][:2]
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    n_ctx = sd["positional_embedding"][0] if "positional_embedding" in sd else 1500
+    return WhisperEncoderConfig(n_mels=int(n_mels), n_ctx=int(n_ctx), d_model=int(d_model),
+                                n_heads=n_heads or max(1, int(d_model) // head_dim), n_layers=len(blocks))
+
+
+def whisper_preset_name(config: WhisperEncoderConfig) -> str | None:
+    """The released model a config has the shape of ("tiny", ..., "large-v2", "large-v3"), or None.
+    Shapes cannot tell ``tiny`` from ``tiny.en`` (nor large v1 from v2): the multilingual name is given."""
+    return next((name for name, preset in WHISPER_PRESETS.items()
+                 if preset == config and not name.endswith(".en")), None)
+
+
 def infer_whisper_config(
     state_dict: Mapping[str, torch.Tensor], n_heads: int | None = None, head_dim: int = 64
 ) -> WhisperEncoderConfig:
-    """Read the encoder shape from a state dict (either layout).
-
-    The head count is not visible in the shapes; every released Whisper uses 64-wide heads, hence
-    ``n_heads = d_model // head_dim`` unless ``n_heads`` is given.
-    """
-    sd = to_openai_whisper_encoder(state_dict)
-    if "conv1.weight" not in sd:
-        raise WhisperWeightsError("This state dict holds no Whisper encoder (no conv1.weight key).")
-    d_model, n_mels = sd["conv1.weight"].shape[:2]
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    n_ctx = sd["positional_embedding"].shape[0] if "positional_embedding" in sd else 1500
-    return WhisperEncoderConfig(n_mels=int(n_mels), n_ctx=int(n_ctx), d_model=int(d_model),
-                                n_heads=n_heads or max(1, int(d_model) // head_dim), n_layers=len(blocks))
+    """Read the encoder shape from a state dict (either layout); see :func:`whisper_config_from_shapes`."""
+    return whisper_config_from_shapes(state_dict, n_heads=n_heads, head_dim=head_dim)
 
 
 def whisper_encoder_from_state_dict(
@@ -264,10 +338,11 @@ def whisper_encoder_from_state_dict(
 
 
 def load_whisper_encoder(path: str, n_heads: int | None = None, dtype: torch.dtype | None = None) -> WhisperEncoder:
-    """Load a Whisper encoder from a ``.safetensors`` file in openai or Hugging Face layout."""
-    from safetensors.torch import load_file
+    """Load a Whisper encoder from a ``.safetensors`` file in openai or Hugging Face layout; of a whole model
+    (Comfy-Org's ``whisper_large_v3_fp16``) only the encoder's tensors are read."""
+    from ..model.loading import iter_safetensors, read_header   # loading imports this module
 
     if not str(path).endswith(".safetensors"):
         raise InputError(f"Whisper weights must be a .safetensors file, got {path}.")
-    return whisper_encoder_from_state_dict(load_file(str(path)), n_heads=n_heads, dtype=dtype)
-
+    keys = whisper_encoder_keys(read_header(path)[0])
+    return whisper_encoder_from_state_dict(dict(iter_safetensors(path, keys=keys)), n_heads=n_heads, dtype=dtype)

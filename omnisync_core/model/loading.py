@@ -27,6 +27,7 @@ from safetensors import torch as st
 from .. import __version__
 from ..audio.whisper import (
     WHISPER_PRESETS, WhisperEncoder, WhisperEncoderConfig, infer_whisper_config, sinusoids, to_openai_whisper_encoder,
+    whisper_encoder_keys,
 )
 from ..errors import InputError
 from ..fsutil import publish
@@ -411,12 +412,17 @@ def _cast(sd: Mapping[str, torch.Tensor], device, dtype) -> dict[str, torch.Tens
 
 # ---------------------------------------------------------------- models
 
-def _source(path_or_sd, kind: str, device) -> tuple[dict, dict, str]:
-    """(state dict, metadata, name for messages); refuses an OmniSync checkpoint of another kind."""
+def _source(path_or_sd, kind: str, device, select: Callable | None = None) -> tuple[dict, dict, str]:
+    """(state dict, metadata, name for messages); refuses an OmniSync checkpoint of another kind. ``select``
+    (names -> the names to read) keeps the rest of a file unread."""
     if isinstance(path_or_sd, Mapping):
         return dict(path_or_sd), {}, "state dict"
     read_dev = device if device is not None and device.type != "meta" else "cpu"
-    sd, meta = read_safetensors(path_or_sd, device=read_dev)
+    if select is None:
+        sd, meta = read_safetensors(path_or_sd, device=read_dev)
+    else:
+        names, meta = read_header(path_or_sd)
+        sd = dict(iter_safetensors(path_or_sd, device=read_dev, keys=select(names)))
     name = Path(path_or_sd).name
     if meta.get("format") == "omnisync" and meta.get("kind") not in (None, kind):
         raise CheckpointError(f"{name} is an OmniSync {meta.get('kind')} checkpoint, not a {kind} one.")
@@ -575,9 +581,11 @@ def load_vae(path_or_sd, device=None, dtype=None, config: "dict | None" = None) 
 
 def load_whisper(path_or_sd, device=None, dtype=None, config: "dict | None" = None) -> WhisperEncoder:
     """Load a Whisper encoder (openai or Hugging Face names) from safetensors or a state dict; config from
-    ``config``, the metadata, or inferred from the shapes (64-wide heads); meta-device build, eval mode."""
+    ``config``, the metadata, or inferred from the shapes (64-wide heads); meta-device build, eval mode. Of a
+    whole-model file (Comfy-Org's ``whisper_large_v3_fp16``: ``model.encoder.*`` + ``model.decoder.*``) only the
+    encoder's tensors are read."""
     device, dtype = _target(device, dtype)
-    sd, meta, name = _source(path_or_sd, "whisper", device)
+    sd, meta, name = _source(path_or_sd, "whisper", device, select=whisper_encoder_keys)
     sd = to_openai_whisper_encoder(sd)
     cfg_dict = config if config is not None else _meta_config(meta, name)
     try:
