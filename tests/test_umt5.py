@@ -198,3 +198,15 @@ def test_loader_errors(spiece, tmp_path):
     save_file({**mixed, SPIECE_KEY: UMT5Tokenizer(spiece).to_tensor()}, str(path))
     with pytest.raises(CheckpointError, match="mixes Linear weight dtypes"):
         load_umt5(path)
+
+
+def test_matches_wan_t5_encoder_fixture():
+    """Against Wan's own T5Encoder (HuMo's copy; tests/fixtures/umt5/README.md) on a padded batch."""
+    from safetensors.torch import load_file
+
+    data = load_file(str(Path(__file__).parent / "fixtures" / "umt5" / "wan_t5_tiny.safetensors"))
+    model = UMT5Encoder("tiny").eval()
+    model.load_state_dict({k[len("weights."):]: v for k, v in data.items() if k.startswith("weights.")}, strict=True)
+    with torch.no_grad():
+        got = model(data["input_ids"], data["attention_mask"])
+    kept_close(got, data["wan_output"], data["attention_mask"])

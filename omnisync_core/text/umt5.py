@@ -319,12 +319,14 @@ def load_umt5(path, device=None, dtype=None, compute_dtype=None, progress: Optio
     ``encoder.block.N.layer.0.SelfAttention.{q,k,v,o,relative_attention_bias}``, ``...layer.1.DenseReluDense.
     {wi_0,wi_1,wo}``, the layer norms, ``encoder.final_layer_norm``) and ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``
     (the same names; Linear weights float8 e4m3fn with a float32 ``<layer>.scale_weight``, and a ``scaled_fp8``
-    marker; a float8 file without scales loads with scale 1, as ComfyUI does). Both embed the sentencepiece model as the uint8 tensor ``spiece_model``. ``scale_input`` tensors and a
-    tied ``encoder.embed_tokens.weight`` copy are ignored (not read).
+    marker; a float8 file without scales loads with scale 1, as ComfyUI does). Both embed the sentencepiece model
+    as the uint8 tensor ``spiece_model``. ``scale_input`` tensors and a tied ``encoder.embed_tokens.weight`` copy
+    are ignored (not read).
 
     ``device``: where the weights go (None: cpu; "auto" picks cuda/mps/cpu). ``dtype``: the dtype kept in memory
-    for the non-float8 tensors (None: as stored). Float8 weights stay float8. ``compute_dtype``: the activations'
-    dtype (None: bf16 on a CUDA GPU with bf16, else fp32); weights are cast to it layer by layer at each call.
+    for the non-float8 tensors (None or "auto": as stored). Float8 weights stay float8. ``compute_dtype``: the
+    activations' dtype (None or "auto": bf16 on a CUDA GPU with bf16, else fp32); weights are cast to it layer by
+    layer at each call.
 
     What it costs (umT5-XXL: 5.68 G parameters; 4.63 G in Linear layers, 1.05 G in the 256384 x 4096 embedding):
     - fp16 file, ``dtype`` None / fp16 / bf16: 5.68 G x 2 B = 11.4 GB; ``dtype=float32``: 22.7 GB (avoid on CPU).
@@ -337,8 +339,8 @@ def load_umt5(path, device=None, dtype=None, compute_dtype=None, progress: Optio
     """
     path = Path(path).expanduser()
     dev = torch.device("cpu") if device is None else resolve_device(device)
-    keep_dtype = None if dtype is None else resolve_dtype(dtype, dev)
-    compute = _default_compute_dtype(dev) if compute_dtype is None else resolve_dtype(compute_dtype, dev)
+    keep_dtype = None if dtype in (None, "auto") else resolve_dtype(dtype, dev)
+    compute = _default_compute_dtype(dev) if compute_dtype in (None, "auto") else resolve_dtype(compute_dtype, dev)
     header, _ = read_header(path)
     if SPIECE_KEY not in header:
         raise CheckpointError(f"{path.name} has no embedded tokenizer (the uint8 tensor {SPIECE_KEY!r} that "
