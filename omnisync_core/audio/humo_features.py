@@ -35,8 +35,8 @@ from .whisper import WhisperEncoder
 
 __all__ = [
     "HUMO_FPS", "HUMO_FRAME_SAMPLES", "HUMO_WINDOW", "HUMO_LAYER_GROUPS", "humo_layer_groups", "humo_num_frames",
-    "humo_resample_indices", "humo_resample", "humo_latent_frames", "humo_window_frames", "humo_audio_windows", "humo_null_windows", "HumoAudioTrack",
-    "encode_humo_audio",
+    "humo_resample_indices", "humo_resample", "humo_latent_frames", "humo_window_frames", "humo_audio_windows",
+    "humo_null_windows", "HumoAudioTrack", "encode_humo_audio",
 ]
 
 HUMO_FPS = 25
