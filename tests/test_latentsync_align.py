@@ -72,7 +72,6 @@ def test_crop_geometry_matches_opencv(io):
     """Our one bilinear warp to 512x512 against upstream's pipeline done with OpenCV (warp to 420x560 with the fp16
     matrix, Lanczos to 512): on a smooth image they agree to resampling error; half a pixel off would be 10x more."""
     cv2 = pytest.importorskip("cv2")
-    np = pytest.importorskip("numpy")
     H, W = 720, 960
     y, x = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
     frame = torch.stack([0.5 + 0.25 * torch.sin(x / 9 + k) * torch.cos(y / 11) + 0.2 * torch.sin((x + y) / 23)

@@ -139,3 +139,12 @@ def test_rejects_bad_inputs(tiny, io):
         tiny(io["sample16"], 451, io["audio16"][:, :8])
     with pytest.raises(InputError):   # the frame-position table has 24 rows
         tiny(torch.zeros(1, 13, 25, 8, 8), 1, torch.zeros(1, 25, 50, 24))
+
+
+def test_an_sd_unet_is_not_taken_for_latentsync():
+    from omnisync_core.model.latentsync_unet import is_latentsync_unet
+    shapes = latentsync_unet_shapes("latentsync-1.6")
+    assert is_latentsync_unet(shapes)
+    sd15 = {k: s for k, s in shapes.items() if "motion_modules" not in k}
+    sd15["conv_in.weight"] = (320, 4, 3, 3)          # SD 1.5's 4 input channels
+    assert not is_latentsync_unet(sd15)

@@ -3,8 +3,8 @@
 Upstream (``latentsync/utils/affine_transform.py``, ``image_processor.py`` L54-80):
 
 - three points: the means of the two eyebrows and of the nose, rounded to whole pixels (1.6 takes them from
-  InsightFace's 106 landmarks; 1.5 took them from FAN-68 or MediaPipe through ``mediapipe_lm478_to_face_alignment_lm68``,
-  whose MediaPipe indices are used here);
+  InsightFace's 106 landmarks; 1.5 took them from FAN-68 or MediaPipe through
+  ``mediapipe_lm478_to_face_alignment_lm68``, whose MediaPipe indices are used here);
 - a similarity (Procrustes on the 3 points, reflection fixed) onto the template ``[[17, 20], [58, 20], [37.5, 40]] *
   2.8 * res / 256``, plus a "smoothing" bias: the nose point's offset in *normalised* units, filtered
   ``0.2 * previous + 0.8 * current`` over the whole video and added to the pixel translation;

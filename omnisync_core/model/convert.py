@@ -276,7 +276,8 @@ def describe(path) -> ModelDescription:
         shapes = {k: v.shape for k, v in info.items()}
     n = sum(torch.Size(s).numel() for s in shapes.values())
     base = dict(num_tensors=len(shapes), num_params=n, is_pickle=is_pickle)
-    stripped = {k[len("model.diffusion_model."):]: s for k, s in shapes.items() if k.startswith("model.diffusion_model.")}
+    prefix = "model.diffusion_model."
+    stripped = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
     unet_shapes = stripped or shapes
     if is_latentsync_unet(unet_shapes):
         cfg = latentsync_config_from_shapes(unet_shapes)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Mapping, Optional
 
 import torch
@@ -504,10 +504,12 @@ _MOTION = re.compile(r"^(down|up)_blocks\.(\d+)\.motion_modules\.")
 
 
 def is_latentsync_unet(shapes: Mapping[str, tuple]) -> bool:
-    """True if the keys look like a LatentSync UNet (13-channel conv_in, 3-D-UNet names, audio cross-attention)."""
-    conv_in = shapes.get("conv_in.weight")
-    return (conv_in is not None and len(tuple(conv_in)) == 4 and "down_blocks.0.resnets.0.conv1.weight" in shapes
-            and "conv_out.weight" in shapes and "mid_block.resnets.0.norm1.weight" in shapes)
+    """True if the keys look like a LatentSync UNet: diffusers UNet names, a 13-channel ``conv_in`` (noisy, mask,
+    masked and reference latents; an SD UNet has 4 or 9) and audio cross-attention (``attn2``)."""
+    conv_in = tuple(getattr(shapes.get("conv_in.weight"), "shape", shapes.get("conv_in.weight")) or ())
+    return (len(conv_in) == 4 and conv_in[1] == 13 and "down_blocks.0.resnets.0.conv1.weight" in shapes
+            and "conv_out.weight" in shapes and "mid_block.resnets.0.norm1.weight" in shapes
+            and any(k.endswith("attn2.to_k.weight") for k in shapes))
 
 
 def latentsync_config_from_shapes(shapes: Mapping[str, tuple]) -> LatentSyncUNetConfig:
