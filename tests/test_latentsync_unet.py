@@ -148,3 +148,14 @@ def test_an_sd_unet_is_not_taken_for_latentsync():
     sd15 = {k: s for k, s in shapes.items() if "motion_modules" not in k}
     sd15["conv_in.weight"] = (320, 4, 3, 3)          # SD 1.5's 4 input channels
     assert not is_latentsync_unet(sd15)
+
+
+def test_full_size_forward_shapes_on_meta():
+    """The real 1.6 widths (320/640/1280, 40-160-wide heads) run through every block: shapes only, no memory."""
+    with torch.device("meta"):
+        model = LatentSyncUNet("latentsync-1.6")
+        x, audio = torch.empty(2, 13, 16, 64, 64), torch.empty(2, 16, 50, 384)
+        out, cache = model(x, 951, audio, return_deep_cache=True)
+        cached = model(x, 901, audio, deep_cache=cache)
+    assert out.shape == cached.shape == (2, 4, 16, 64, 64)
+    assert cache.shape == (2, 320, 16, 64, 64)
