@@ -141,15 +141,15 @@ class OmniSyncLipSyncVideo(io.ComfyNode):
     def execute(cls, model: OmniSyncModel, video, audio, filename_prefix: str, **kw) -> io.NodeOutput:
         samples, rate = read_audio(audio)
         options, sampler = _setup(model, kw)
-        width, height = video.get_dimensions()
-        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, folder_paths.get_output_directory(), width, height)
-        name = f"{filename}_{counter:05}_.mp4"
-        out = os.path.join(folder, name)
         progress = Progress()
         source, temporary = _video_path(video)
         try:
-            info = probe_video(source)
+            info = probe_video(source)       # core's one-line VideoError for a corrupt or frameless file
+            height, width = info.display_size
+            folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+                filename_prefix, folder_paths.get_output_directory(), width, height)
+            name = f"{filename}_{counter:05}_.mp4"
+            out = os.path.join(folder, name)
             total = _total_steps(sampler, options, info.num_frames, samples, rate, info.fps)
             model.load("audio", "dit", "vae")
             generator = OmniSyncGenerator(model.dit, model.vae, sampler, device=model.device, dtype=model.dtype,
@@ -174,7 +174,7 @@ def _video_path(video) -> tuple[str, bool]:
         source = video.get_stream_source()
     except Exception:   # frames in memory: the default implementation cannot pick a container for a buffer
         source = None
-    if isinstance(source, str) and os.path.isfile(source):
+    if isinstance(source, str):            # a file (a missing one gets core's "video file not found")
         return source, False
     os.makedirs(folder_paths.get_temp_directory(), exist_ok=True)
     handle, path = tempfile.mkstemp(suffix=".mp4", dir=folder_paths.get_temp_directory())

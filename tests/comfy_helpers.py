@@ -152,18 +152,27 @@ class ComfyServer:
             return json.loads(response.read())
 
     def post(self, path: str, body: dict):
+        status, answer = self.submit(path, body)
+        if status != 200:
+            raise AssertionError(f"POST {path} -> {status}: {json.dumps(answer)[-4000:]}")
+        return answer
+
+    def submit(self, path: str, body: dict) -> tuple[int, dict]:
+        """POST ``body``; (HTTP status, JSON answer), also for 4xx answers (a prompt that fails validation)."""
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read())
+                return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
-            raise AssertionError(f"POST {path} -> {error.code}: {error.read().decode(errors='replace')}") from None
+            text = error.read().decode(errors="replace")
+            try:
+                return error.code, json.loads(text)
+            except ValueError:
+                return error.code, {"text": text}
 
-    def run_prompt(self, prompt: dict, timeout: float = 600.0) -> dict:
-        """Queue an API-format workflow and wait for its history entry; fails with the server's error if it fails."""
-        queued = self.post("/prompt", {"prompt": prompt, "client_id": "omnisync-tests"})
-        prompt_id = queued["prompt_id"]
+    def finished(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """The history entry of a queued prompt once it has succeeded or failed."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             history = self.get(f"/history/{prompt_id}")
@@ -171,14 +180,34 @@ class ComfyServer:
                 entry = history[prompt_id]
                 status = entry.get("status", {})
                 if status.get("completed") or status.get("status_str") in ("success", "error"):
-                    if status.get("status_str") != "success":
-                        raise AssertionError(f"workflow failed: {json.dumps(status, indent=1)[-4000:]}\n"
-                                             f"{self.tail()}")
                     return entry
             if self.process.poll() is not None:
                 raise RuntimeError(f"ComfyUI died:\n{self.tail()}")
-            time.sleep(1.0)
+            time.sleep(0.5)
         raise TimeoutError(f"workflow did not finish in {timeout:.0f} s:\n{self.tail()}")
+
+    def run_prompt(self, prompt: dict, timeout: float = 600.0) -> dict:
+        """Queue an API-format workflow and wait for its history entry; fails with the server's error if it fails."""
+        queued = self.post("/prompt", {"prompt": prompt, "client_id": "omnisync-tests"})
+        entry = self.finished(queued["prompt_id"], timeout)
+        status = entry["status"]
+        if status.get("status_str") != "success":
+            raise AssertionError(f"workflow failed: {json.dumps(status, indent=1)[-4000:]}\n{self.tail()}")
+        return entry
+
+    def run_failing_prompt(self, prompt: dict, timeout: float = 600.0) -> dict:
+        """Queue a workflow that must fail while it runs; the ``execution_error`` message ComfyUI recorded (the
+        same dict its websocket sends: node_id, node_type, exception_message, exception_type, traceback, ...)."""
+        queued = self.post("/prompt", {"prompt": prompt, "client_id": "omnisync-tests"})
+        return self.failed_entry_error(queued["prompt_id"], timeout)
+
+    def failed_entry_error(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """The ``execution_error`` message of a queued prompt, which must fail."""
+        entry = self.finished(prompt_id, timeout)
+        assert entry["status"].get("status_str") == "error", f"workflow did not fail: {entry['status']}"
+        errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
+        assert len(errors) == 1, entry["status"]["messages"]
+        return errors[0]
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -185,3 +185,149 @@ def test_api_workflow_runs_with_the_demo_model(server, path):
     saved = _outputs(entry)
     assert len(saved) == 1, entry["outputs"]
     assert _check_video(server, saved[0], folder / "speech.wav") > 0
+
+
+# ------------------------------------------------------------------------------------ a server that outlives errors
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+def _workflow(name: str, seed: int, prefix: str, **changes) -> dict:
+    """An API workflow with the tiny model, a seed and output prefix of its own (so ComfyUI's cache cannot answer
+    it), and node inputs changed by class type: ``changes[class_type] = {input: value}``."""
+    prompt = _prepare(json.loads((WORKFLOWS / "api" / f"omnisync_lipsync_{name}.json").read_text()),
+                      "tiny.safetensors")
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if "seed" in inputs:
+            inputs["seed"] = seed
+        if "filename_prefix" in inputs:
+            inputs["filename_prefix"] = prefix
+        inputs.update(changes.get(node["class_type"], {}))
+    return prompt
+
+
+def _silence_instead_of_speech(prompt: dict) -> dict:
+    """Load Audio replaced by ComfyUI's Empty Audio of duration 0: a zero-length AUDIO reaches the OmniSync node."""
+    for node in prompt.values():
+        if node["class_type"] == "LoadAudio":
+            node["class_type"] = "EmptyAudio"
+            node["inputs"] = {"duration": 0.0, "sample_rate": 22050, "channels": 1}
+    return prompt
+
+
+def _zero_frame_video(path: Path) -> None:
+    """A container whose header is written and that holds no frame (the encoder is opened, nothing is encoded)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        container.start_encoding()
+
+
+def _failing_inputs(server: ComfyServer) -> None:
+    """The broken files of the failure cases, next to the good ones (written once per server)."""
+    from conftest import write_wav
+
+    inputs, models = server.root / "input", server.root / "extra_models" / "omnisync"
+    if (inputs / "empty.wav").exists():
+        return
+    torch.save({"x": torch.zeros(1)}, models / "pickled.safetensors")       # a pickle under a safetensors name
+    torch.save({"x": torch.zeros(1)}, models / "pickled.pt")
+    data = (models / "tiny.safetensors").read_bytes()
+    (models / "cut.safetensors").write_bytes(data[: len(data) // 2])           # an interrupted download
+    (models / "gone.safetensors").symlink_to(server.root / "moved-away.safetensors")  # listed, but no file
+    (inputs / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 16)
+    _zero_frame_video(inputs / "zero_frames.mp4")
+    _zero_frame_video(inputs / "zero_frames.mkv")
+    write_wav(inputs / "empty.wav", torch.zeros(0).numpy(), 22050)
+
+
+# (workflow, what to change, failing node, exception class, the message) -- the failure happens while the workflow
+# runs, inside the node named; every OmniSync one is an omnisync_core error with a one-line message.
+RUNTIME_FAILURES = {
+    # not in the loader's list (it lists safetensors only): ComfyUI 0.3.64 does not check V3 combo values, so the
+    # loader itself says so; a ComfyUI that checks them refuses the prompt before it runs (also accepted below)
+    "model_not_in_folder": ("basic", {"OmniSyncModelLoader": {"model": "missing.safetensors"}},
+                            "OmniSyncModelLoader", "InputError",
+                            r"'missing\.safetensors' was not found in models/omnisync"),
+    "pickle_named_pt": ("long_video", {"OmniSyncModelLoader": {"model": "pickled.pt"}}, "OmniSyncModelLoader",
+                        "PickleCheckpointError", r"pickled\.pt is a pickle.*refuses it"),
+    "model_file_gone": ("basic", {"OmniSyncModelLoader": {"model": "gone.safetensors"}}, "OmniSyncModelLoader",
+                        "InputError", r"'gone\.safetensors' was not found in models/omnisync"),
+    "pickle_named_safetensors": ("basic", {"OmniSyncModelLoader": {"model": "pickled.safetensors"}},
+                                 "OmniSyncModelLoader", "PickleCheckpointError",
+                                 r"pickled\.safetensors is a pickle.*refuses it"),
+    "truncated_safetensors": ("long_video", {"OmniSyncModelLoader": {"model": "cut.safetensors"}},
+                              "OmniSyncModelLoader", "CheckpointError", r"cut\.safetensors is truncated or corrupt"),
+    "corrupt_video": ("long_video", {"LoadVideo": {"file": "corrupt.mp4"}}, "OmniSyncLipSyncVideo", "VideoError",
+                      r"not a readable video .*corrupt\.mp4"),
+    "zero_frame_mp4": ("long_video", {"LoadVideo": {"file": "zero_frames.mp4"}}, "OmniSyncLipSyncVideo",
+                       "VideoError", r"no video stream: .*zero_frames\.mp4"),
+    "zero_frame_mkv": ("long_video", {"LoadVideo": {"file": "zero_frames.mkv"}}, "OmniSyncLipSyncVideo",
+                       "VideoError", r"ends right after its header \(zero frames.*zero_frames\.mkv"),
+    "zero_length_audio_one_node": ("basic", "silence", "OmniSyncLipSync", "AudioError", r"zero length"),
+    "zero_length_audio_video_node": ("long_video", "silence", "OmniSyncLipSyncVideo", "AudioError", r"zero length"),
+    "zero_length_audio_granular": ("granular", "silence", "OmniSyncAudioEncode", "AudioError", r"zero length"),
+    # ComfyUI's own Load Audio refuses a zero-length WAV before any OmniSync node runs
+    "zero_length_wav": ("basic", {"LoadAudio": {"audio": "empty.wav"}}, "LoadAudio", "ValueError",
+                        r"^No audio frames decoded\.$"),
+}
+
+
+UNLISTED = ("model_not_in_folder", "pickle_named_pt")
+
+
+def _model_of(prompt: dict) -> str:
+    return next(n["inputs"]["model"] for n in prompt.values() if n["class_type"] == "OmniSyncModelLoader")
+
+
+def _good_run(server: ComfyServer, name: str, seed: int, prefix: str) -> Path:
+    entry = server.run_prompt(_workflow(name, seed, prefix))
+    saved = _outputs(entry)
+    assert len(saved) == 1, entry["outputs"]
+    assert _check_video(server, saved[0], server.root / "input" / "speech.wav") == 23
+    return server.root / "output" / saved[0]["subfolder"] / saved[0]["filename"]
+
+
+def _assert_one_line_message(error: dict, node_type: str, exception: str, pattern: str) -> None:
+    import re
+
+    message = error["exception_message"]
+    assert error["node_type"] == node_type, error
+    assert error["exception_type"].rsplit(".", 1)[-1] == exception, error["exception_type"]
+    if node_type.startswith("OmniSync"):
+        assert ".omnisync_core." in error["exception_type"], error["exception_type"]   # our error, not PyAV's
+    text = message.rstrip("\n")                                 # ComfyUI appends "\n" and its (empty) tips
+    assert "\n" not in text and "Traceback" not in text and 'File "' not in text, message
+    assert 0 < len(text) < 600 and re.search(pattern, text), text
+
+
+@pytest.mark.parametrize("case", sorted(RUNTIME_FAILURES), ids=str)
+def test_a_failing_workflow_reports_the_nodes_message_and_the_next_one_runs(server, case):
+    """Fails inside a node: the execution error carries the node's one-line message, the output and temp folders
+    gain nothing (no partial file), and the next good workflow on the same server writes its mp4."""
+    _failing_inputs(server)
+    workflow, change, node_type, exception, pattern = RUNTIME_FAILURES[case]
+    seed = 100 + sorted(RUNTIME_FAILURES).index(case)
+    output, temp = server.root / "output", server.root / "temp"
+    before, temp_before = _files(output), _files(temp)
+    if change == "silence":
+        prompt = _silence_instead_of_speech(_workflow(workflow, seed, f"video/failed_{case}"))
+    else:
+        prompt = _workflow(workflow, seed, f"video/failed_{case}", **change)
+    listed = server.get("/object_info/OmniSyncModelLoader")["OmniSyncModelLoader"]["input"]["required"]["model"]
+    model = _model_of(prompt)
+    assert (model not in listed[1]["options"]) == (case in UNLISTED)
+    status, answer = server.submit("/prompt", {"prompt": prompt, "client_id": "omnisync-tests"})
+    if status == 400 and case in UNLISTED:                     # a ComfyUI that checks V3 combo values
+        details = [e["details"] for node in answer["node_errors"].values() for e in node["errors"]]
+        assert any(f"'{model}' not in" in d for d in details), answer
+    else:
+        assert status == 200, answer
+        _assert_one_line_message(server.failed_entry_error(answer["prompt_id"]), node_type, exception, pattern)
+    assert _files(output) == before and _files(temp) == temp_before
+    written = _good_run(server, workflow, seed, f"video/after_{case}")
+    assert _files(output) == before | {written} and _files(temp) == temp_before
