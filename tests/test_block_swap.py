@@ -60,6 +60,12 @@ def test_same_output_with_any_number_of_swapped_blocks(model):
 def test_cpu_swap_is_a_no_op_without_force(model):
     swap = BlockSwap(model.blocks, 3, "cpu")
     assert not swap.active and torch.equal(run(model, swap), run(model, None)) and swap.fetches == 0
+    plain = run(model, None)
+    swap = model.set_block_swap(2, "cpu", force=True)
+    with torch.no_grad():
+        assert torch.equal(model(*inputs()), plain)
+    assert swap.num_swapped == 2 and swap.fetches == 2
+    assert model.set_block_swap(0, "cpu") is None and model.block_swap is None
 
 
 def test_any_module_and_keyword_arguments():

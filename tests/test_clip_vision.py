@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from omnisync_core.errors import InputError
 from omnisync_core.model.clip_vision import (
-    CLIP_VISION_PRESETS, CLIPVision, clip_vision_config_from_shapes, clip_vision_shapes, encode_image, is_clip_vision,
+    CLIP_VISION_PRESETS, CLIPVision, clip_vision_config_from_shapes, clip_vision_label, clip_vision_shapes, encode_image, is_clip_vision,
     load_clip_vision, preprocess,
 )
 from omnisync_core.model.loading import CheckpointMismatchError
@@ -88,6 +88,7 @@ def test_vit_h_layout():
               if not k.endswith("position_ids")}
     assert clip_vision_shapes("vit-h-14") == hf
     assert is_clip_vision(hf) and clip_vision_config_from_shapes(hf) == CLIP_VISION_PRESETS["vit-h-14"]
+    assert clip_vision_label(clip_vision_config_from_shapes(hf)) == "CLIP ViT-H/14 vision"
     assert hf["vision_model.embeddings.position_embedding.weight"] == (257, 1280)
     assert sum(torch.Size(s).numel() for s in hf.values()) == 632_076_800
 

@@ -14,7 +14,7 @@ from omnisync_core.audio.align import FrameAligner
 from omnisync_core.audio.loudness import _biquads, integrated_loudness, k_weighting, normalize_loudness
 from omnisync_core.audio.wav2vec2 import (
     WAV2VEC2_PRESETS, Wav2Vec2, encode_speech, frame_windows, is_wav2vec2, load_wav2vec2,
-    normalize_wav2vec2_state_dict, prepare_speech, wav2vec2_config_from_shapes,
+    normalize_wav2vec2_state_dict, prepare_speech, wav2vec2_config_from_shapes, wav2vec2_label,
 )
 from omnisync_core.errors import InputError
 from omnisync_core.model.loading import CheckpointMismatchError
@@ -233,6 +233,7 @@ def test_chinese_base_layout():
     assert wav2vec2_config_from_shapes(shapes) == WAV2VEC2_PRESETS["chinese-base"]
     assert shapes["wav2vec2.encoder.pos_conv_embed.conv.weight_v"] == (768, 48, 128)
     assert sum(np.prod(s) for s in ours.values()) == 94_370_944
+    assert wav2vec2_label(WAV2VEC2_PRESETS["chinese-base"]) == "wav2vec2 base (12 layers x 768)"
 
 
 # ---------------------------------------------------------------- windows and audio_proj

@@ -192,6 +192,8 @@ def test_not_wan_i2v_is_refused():
         wan_i2v_config_from_shapes(t2v)
     with pytest.raises(WeightsError, match="audio_proj.proj1"):
         infinitetalk_patch_config_from_shapes(shapes)
+    humo = json.loads((FIXTURES / "manifests" / "humo_17B_fp16.json").read_text())["tensors"]
+    assert not is_wan_i2v(humo) and not is_infinitetalk_patch(humo)     # HuMo 17B: 36 channels, no CLIP path
 
 
 # ---------------------------------------------------------------- loading safetensors

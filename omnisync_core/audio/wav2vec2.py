@@ -45,7 +45,7 @@ from .align import FpsLike, FrameAligner
 from .loudness import LUFS_TARGET, normalize_loudness
 
 __all__ = ["Wav2Vec2Config", "WAV2VEC2_PRESETS", "Wav2Vec2", "wav2vec2_config_from_shapes", "wav2vec2_shapes",
-           "is_wav2vec2", "load_wav2vec2", "normalize_wav2vec2_state_dict", "prepare_speech", "encode_speech",
+           "is_wav2vec2", "wav2vec2_label", "load_wav2vec2", "normalize_wav2vec2_state_dict", "prepare_speech", "encode_speech",
            "frame_windows", "FEATURE_RATE", "SAMPLE_RATE"]
 
 SAMPLE_RATE = 16000
@@ -391,6 +391,13 @@ def wav2vec2_config_from_shapes(shapes: Mapping, num_heads: "int | None" = None)
         conv_kernel=kernels, conv_stride=strides, conv_bias="feature_extractor.conv_layers.0.conv.bias" in sd,
         feat_extract_norm="layer" if layer_norms else "group", do_stable_layer_norm=layer_norms,
         num_conv_pos_embeddings=g[2], num_conv_pos_embedding_groups=hidden // g[1])
+
+
+def wav2vec2_label(config: Wav2Vec2Config) -> str:
+    """'wav2vec2 base (12 layers x 768)' / 'wav2vec2 large (24 layers x 1024)'; the keys cannot tell
+    chinese-wav2vec2-base from other base checkpoints."""
+    size = {768: "base", 1024: "large"}.get(config.hidden_size, f"{config.hidden_size}-wide")
+    return f"wav2vec2 {size} ({config.num_hidden_layers} layers x {config.hidden_size})"
 
 
 def wav2vec2_shapes(config: "Wav2Vec2Config | str") -> dict[str, tuple]:

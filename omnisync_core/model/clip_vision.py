@@ -33,7 +33,7 @@ from .loading import CheckpointMismatchError, iter_safetensors, read_header, res
     validate_state_dict
 
 __all__ = ["CLIPVisionConfig", "CLIP_VISION_PRESETS", "CLIPVision", "CLIP_MEAN", "CLIP_STD", "preprocess",
-           "encode_image", "clip_vision_config_from_shapes", "clip_vision_shapes", "is_clip_vision",
+           "encode_image", "clip_vision_config_from_shapes", "clip_vision_label", "clip_vision_shapes", "is_clip_vision",
            "load_clip_vision"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -218,6 +218,13 @@ def clip_vision_config_from_shapes(shapes: Mapping, num_heads: "int | None" = No
                    intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"][0], patch_size=patch,
                    image_size=side * patch, num_channels=channels,
                    projection_dim=sd["visual_projection.weight"][0] if "visual_projection.weight" in sd else None)
+
+
+def clip_vision_label(config: CLIPVisionConfig) -> str:
+    """'CLIP ViT-H/14 vision' for clip_vision_h's layout, else the width, depth and patch."""
+    if config == CLIP_VISION_PRESETS["vit-h-14"]:
+        return "CLIP ViT-H/14 vision"
+    return f"CLIP vision ({config.num_hidden_layers} layers x {config.hidden_size}, patch {config.patch_size})"
 
 
 def clip_vision_shapes(config: "CLIPVisionConfig | str") -> dict[str, tuple]:

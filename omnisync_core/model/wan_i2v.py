@@ -26,12 +26,12 @@ Numerics follow dit.py: the residual stream, norms, modulation and time embeddin
 their weight dtype, or for float8 weights (:class:`~omnisync_core.model.quant.FP8Linear`) in their bias's dtype.
 
 What each weight option costs on the compute device (parameters: 18.88 B with the adapter; a block is 464.2 M,
-of which 464.0 M are Linear weights; outside the blocks 315.6 M, of which 314.8 M are Linear weights):
+of which 464.0 M are Linear weights; outside the blocks 315.6 M, of which 314.7 M are Linear weights):
 
 - bf16/fp16: 18.88 B x 2 B = 37.8 GB.
-- fp8 (e4m3, one scale per Linear weight, ComfyUI's ``fp8_scaled``): 18.87 B x 1 B + 6.1 M x 2 B = 18.9 GB, plus
-  one Linear weight dequantised to bf16 at a time (the largest, the FFN's 13824 x 5120, is 142 MB; proj1_vf of
-  audio_proj 75 MB).
+- fp8 (e4m3, one scale per Linear weight, ComfyUI's ``fp8_scaled``): 18.87 B x 1 B + 7.5 M x 2 B = 18.9 GB, plus
+  one Linear weight dequantised to bf16 at a time (the largest, time_projection's 30720 x 5120, is 315 MB, once per
+  forward; in the blocks the FFN's 13824 x 5120, 142 MB).
 - block swap of N blocks (:mod:`~omnisync_core.model.block_swap`): N blocks stay in pinned host memory and at most
   two of them (the running one and the prefetched next) are on the device: weights on the device
   = outside + (40 - N + min(N, 2)) x block, with block = 0.928 GB (bf16) or 0.464 GB (fp8) and outside = 0.63 GB
@@ -377,6 +377,16 @@ class WanI2VDiT(nn.Module):
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
+
+    def set_block_swap(self, num_blocks: int, device, **kwargs) -> "BlockSwap | None":
+        """Keep the first `num_blocks` blocks in host memory (pinned on CUDA) and the rest on `device`; 0 turns it
+        off (every block then moves to `device`). Returns the BlockSwap (None for 0)."""
+        if num_blocks <= 0:
+            self.blocks.to(device)
+            self.block_swap = None
+        else:
+            self.block_swap = BlockSwap(self.blocks, num_blocks, device, **kwargs)
+        return self.block_swap
 
     # ------------------------------------------------------------ conditioning
 
@@ -816,5 +826,5 @@ def load_wan_i2v(base, patch=None, *, device=None, dtype=None, config: "WanI2VCo
     sd.update({k: place(k, v) for k, v in scales.items()})
     model.load_state_dict(sd, strict=True, assign=True)
     if swapped:
-        model.block_swap = BlockSwap(model.blocks, len(swapped), dev)
+        model.block_swap = BlockSwap(model.blocks, len(swapped), dev, place=False)
     return model.eval().requires_grad_(False)
