@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from omnisync_core.errors import InputError
 from omnisync_core.model.clip_vision import (
-    CLIP_VISION_PRESETS, CLIPVision, clip_vision_config_from_shapes, clip_vision_label, clip_vision_shapes, encode_image, is_clip_vision,
-    load_clip_vision, preprocess,
+    CLIP_VISION_PRESETS, CLIPVision, clip_vision_config_from_shapes, clip_vision_label, clip_vision_shapes,
+    encode_image, is_clip_vision, load_clip_vision, preprocess,
 )
 from omnisync_core.model.loading import CheckpointMismatchError
 

@@ -1,5 +1,5 @@
-"""InfiniteTalk's audio path: BS.1770 loudness (against pyloudnorm and the standard's sine values), chinese-wav2vec2-base
-as InfiniteTalk runs it (fixture made by running upstream's Wav2Vec2Model subclass; transformers' Wav2Vec2Model), the
+"""InfiniteTalk's audio path: BS.1770 loudness (against pyloudnorm and the standard's sine values),
+chinese-wav2vec2-base as InfiniteTalk runs it (fixture made by running upstream's Wav2Vec2Model subclass; transformers' Wav2Vec2Model), the
 per-video-frame windows at any frame rate, and audio_proj's latent-frame locality."""
 
 from pathlib import Path

@@ -45,7 +45,8 @@ from .align import FpsLike, FrameAligner
 from .loudness import LUFS_TARGET, normalize_loudness
 
 __all__ = ["Wav2Vec2Config", "WAV2VEC2_PRESETS", "Wav2Vec2", "wav2vec2_config_from_shapes", "wav2vec2_shapes",
-           "is_wav2vec2", "wav2vec2_label", "load_wav2vec2", "normalize_wav2vec2_state_dict", "prepare_speech", "encode_speech",
+           "is_wav2vec2", "wav2vec2_label", "load_wav2vec2", "normalize_wav2vec2_state_dict", "prepare_speech",
+           "encode_speech",
            "frame_windows", "FEATURE_RATE", "SAMPLE_RATE"]
 
 SAMPLE_RATE = 16000
@@ -158,7 +159,8 @@ class FeatureProjection(nn.Module):
 
 class WeightNormConv1d(nn.Module):
     """The positional conv with weight normalisation over every dim but the kernel's (torch's weight_norm, dim=2):
-    weight = weight_v * weight_g / ||weight_v||; keys ``weight_g`` [1, 1, K], ``weight_v`` [C, C/groups, K], ``bias``."""
+    weight = weight_v * weight_g / ||weight_v||; keys ``weight_g`` [1, 1, K], ``weight_v`` [C, C/groups, K],
+    ``bias``."""
 
     def __init__(self, channels: int, kernel: int, groups: int):
         super().__init__()
@@ -369,8 +371,8 @@ def is_wav2vec2(shapes: Mapping) -> bool:
 
 def wav2vec2_config_from_shapes(shapes: Mapping, num_heads: "int | None" = None) -> Wav2Vec2Config:
     """Read a Wav2Vec2Config from key -> shape (shapes, tensors or TensorInfo). Heads: `num_heads`, else
-    a preset of the same width, else hidden_size // 64 (base 12, large 16). Post-norm vs pre-norm is not visible in the shapes: "group" feature
-    norms mean base (post-norm), "layer" ones large (pre-norm), as ComfyUI assumes."""
+    a preset of the same width, else hidden_size // 64 (base 12, large 16). Post-norm vs pre-norm is not visible in
+    the shapes: "group" feature norms mean base (post-norm), "layer" ones large (pre-norm), as ComfyUI assumes."""
     sd = {k: _shape(v) for k, v in normalize_wav2vec2_state_dict(shapes).items()}
     if not is_wav2vec2(sd):
         raise WeightsError("Not a wav2vec2 checkpoint: it has no encoder.layer_norm / feature_extractor tensors.")

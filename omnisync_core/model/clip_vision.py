@@ -33,8 +33,8 @@ from .loading import CheckpointMismatchError, iter_safetensors, read_header, res
     validate_state_dict
 
 __all__ = ["CLIPVisionConfig", "CLIP_VISION_PRESETS", "CLIPVision", "CLIP_MEAN", "CLIP_STD", "preprocess",
-           "encode_image", "clip_vision_config_from_shapes", "clip_vision_label", "clip_vision_shapes", "is_clip_vision",
-           "load_clip_vision"]
+           "encode_image", "clip_vision_config_from_shapes", "clip_vision_label", "clip_vision_shapes",
+           "is_clip_vision", "load_clip_vision"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -234,8 +234,8 @@ def clip_vision_shapes(config: "CLIPVisionConfig | str") -> dict[str, tuple]:
 
 def load_clip_vision(path_or_state_dict, device=None, dtype=None, config: "CLIPVisionConfig | str | None" = None
                      ) -> CLIPVision:
-    """Load from safetensors or a state dict (``clip_vision_h.safetensors``, transformers' CLIPVisionModel[WithProjection]
-    names) into a meta-built model, tensor by tensor, strictly (CheckpointMismatchError lists missing / unexpected /
+    """Load from safetensors or a state dict (``clip_vision_h.safetensors``, transformers'
+    CLIPVisionModel[WithProjection] names) into a meta-built model, tensor by tensor, strictly (CheckpointMismatchError lists missing / unexpected /
     wrong-shape keys). Config: `config`, else read from the shapes. Eval mode, no gradients."""
     dev = None if device is None else resolve_device(device)
     dt = None if dtype is None else resolve_dtype(dtype, dev)

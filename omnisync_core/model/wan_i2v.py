@@ -49,7 +49,7 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from math import prod
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -595,10 +595,11 @@ def infinitetalk_patch_config_from_shapes(shapes: Mapping) -> InfiniteTalkPatchC
     width = next((c.wav2vec_dim for c in WAN_I2V_PRESETS.values() if per % c.wav2vec_dim == 0
                   and c.wav2vec_layers * c.wav2vec_dim == per), None)
     width = width or next((c.wav2vec_dim for c in WAN_I2V_PRESETS.values() if per % c.wav2vec_dim == 0), per)
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.audio_cross_attn", k))}
+    tokens = _need(sd, "audio_proj.proj3.weight", what)[0] // audio_dim
     return InfiniteTalkPatchConfig(
-        dim=dim, num_layers=len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.audio_cross_attn", k))}),
-        audio_window=first // per, vae_scale=vae_scale, wav2vec_layers=per // width, wav2vec_dim=width,
-        audio_hidden=hidden, audio_dim=audio_dim, audio_tokens=_need(sd, "audio_proj.proj3.weight", what)[0] // audio_dim)
+        dim=dim, num_layers=len(layers), audio_window=first // per, vae_scale=vae_scale, wav2vec_layers=per // width,
+        wav2vec_dim=width, audio_hidden=hidden, audio_dim=audio_dim, audio_tokens=tokens)
 
 
 def wan_i2v_config_from_shapes(shapes: Mapping, num_heads: "int | None" = None) -> WanI2VConfig:
