@@ -22,8 +22,10 @@ The InfiniteTalk adapter (MeiGen's ``single/infinitetalk.safetensors``, fp32, or
 Upstream's null audio (the "uncond" guidance pass) is zero wav2vec2 windows, which audio_proj's biases and LayerNorm
 turn into non-zero tokens: ``audio=None`` means exactly that.
 
-Numerics follow dit.py: the residual stream, norms, modulation and time embedding are fp32; linear layers run in
-their weight dtype, or for float8 weights (:class:`~omnisync_core.model.quant.FP8Linear`) in their bias's dtype.
+Numerics follow dit.py: the residual stream, norms and modulation are fp32, and so are the time embedding and the
+output head (their linears run in fp32, as under upstream's fp32 autocast); other linear layers run in their weight
+dtype, or for float8 weights (:class:`~omnisync_core.model.quant.FP8Linear`) in their bias's dtype. (Upstream keeps
+the residual stream in the weights' dtype, bf16; fp32 here is the one deliberate difference.)
 
 What each weight option costs on the compute device (parameters: 18.88 B with the adapter; a block is 464.2 M,
 of which 464.0 M are Linear weights; outside the blocks 315.6 M, of which 314.7 M are Linear weights):
@@ -181,6 +183,12 @@ def _lin(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return linear(x.to(compute_dtype(linear)))
 
 
+def _lin32(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The Linear in fp32 (weights cast up, float8 ones dequantised)."""
+    w = linear.dequantized(torch.float32) if isinstance(linear, FP8Linear) else linear.weight.float()
+    return F.linear(x.float(), w, None if linear.bias is None else linear.bias.float())
+
+
 def _attend(q, k, v, heads: int) -> torch.Tensor:
     """SDPA over [B, L, heads*d] inputs (scale d^-0.5) -> [B, Lq, heads*d]."""
     split = lambda t: rearrange(t, "b l (n d) -> b n l d", n=heads)
@@ -272,7 +280,7 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    """Output head: AdaLN (2 chunks of the time embedding) + linear to patch pixels."""
+    """Output head: AdaLN (2 chunks of the time embedding) + linear to patch pixels, in fp32."""
 
     def __init__(self, c: WanI2VConfig):
         super().__init__()
@@ -282,7 +290,7 @@ class Head(nn.Module):
 
     def forward(self, x, e):
         shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)
-        return _lin(self.head, self.norm(x) * (1 + scale) + shift)
+        return _lin32(self.head, self.norm(x) * (1 + scale) + shift)      # fp32, as upstream's autocast
 
 
 class ImageEmbedding(nn.Module):
@@ -391,12 +399,13 @@ class WanI2VDiT(nn.Module):
     # ------------------------------------------------------------ conditioning
 
     def embed_time(self, sigma: torch.Tensor):
-        """sigma [B] -> (e [B, dim], e0 [B, 6, dim]) fp32, timestep = 1000 * sigma (sinusoid in float64)."""
-        lin = self.time_embedding[0]
+        """sigma [B] -> (e [B, dim], e0 [B, 6, dim]) fp32, timestep = 1000 * sigma (sinusoid in float64). The time MLPs
+        run in fp32 whatever the weights' dtype, as upstream's fp32 autocast does (a transient fp32 copy of
+        time_projection's weight, 629 MB for the 14B)."""
         with torch.autocast(device_type=sigma.device.type, enabled=False):
             s = sinusoidal_embedding(self.config.freq_dim, sigma * 1000.0)
-            e = _lin(self.time_embedding[2], self.time_embedding[1](_lin(lin, s))).float()
-            e0 = _lin(self.time_projection[1], self.time_projection[0](e)).float()
+            e = _lin32(self.time_embedding[2], F.silu(_lin32(self.time_embedding[0], s)))
+            e0 = _lin32(self.time_projection[1], F.silu(e))
         return e, e0.unflatten(1, (6, self.config.dim))
 
     def embed_text(self, text: torch.Tensor) -> torch.Tensor:
