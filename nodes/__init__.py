@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import audio, face, lipsync, loader, sampling
+from . import audio, evaluate, face, lipsync, loader, sampling
 from ._comfy import register_model_folders
 
 register_model_folders()
 
 NODE_LIST: list[type[io.ComfyNode]] = [*loader.NODES, *audio.NODES, *face.NODES[:1], *sampling.NODES,
-                                       *face.NODES[1:], *lipsync.NODES]
+                                       *face.NODES[1:], *lipsync.NODES, *evaluate.NODES]
 
 
 class OmniSyncExtension(ComfyExtension):

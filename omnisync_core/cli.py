@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--fps", default="25", help="video frame rate, e.g. 25, 29.97 or 30000/1001 (default 25)")
     info.set_defaults(handler=_cmd_audio_info)
     _add_lipsync_parser(commands)
+    __import__(f"{__package__}.eval.cli", fromlist=["add_eval_parser"]).add_eval_parser(commands)
     wan = commands.add_parser("import-wan", help="turn a Wan2.1 T2V checkpoint into an OmniSync DiT initialisation")
     wan.add_argument("--base", required=True, help="Wan2.1 T2V transformer weights (.safetensors; Wan or diffusers names)")
     wan.add_argument("--out", required=True, help="where to write the OmniSync DiT (.safetensors)")

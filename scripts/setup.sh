@@ -55,4 +55,14 @@ if [ "$want_test" = 1 ]; then
       echo "[setup] espeak-ng not found; speech tests will be skipped (apt-get install espeak-ng)"
     fi
   fi
+  # Debian's chromium renders the eval report in the headless-browser test (tests/test_eval_cli.py), else it skips.
+  if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "[setup] installing chromium (apt)"
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+        || echo "[setup] could not install chromium; the report's browser test will be skipped"
+    else
+      echo "[setup] chromium not found; the report's browser test will be skipped (apt-get install chromium)"
+    fi
+  fi
 fi
