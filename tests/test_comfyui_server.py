@@ -2,7 +2,9 @@
 pack, /object_info lists every node with its tooltips, the UI workflows agree with the server's input order, and
 every API workflow in workflows/api runs to success and writes an mp4 with audio whose frame count matches the
 audio. Models come through extra_model_paths.yaml (a tiny random bundle) and, when it is installed, the bundled
-demo model."""
+demo model. On the same server, workflows that fail inside a node (a missing, pickled or truncated model, a corrupt
+or frameless video, zero-length audio) report the node's one-line message and write nothing, and the good workflow
+after each one runs and writes its mp4."""
 
 from __future__ import annotations
 
