@@ -134,3 +134,22 @@ def test_crop_window_follows_the_reference_geometry():
     assert torch.allclose(far[0, :, :, :4], torch.tensor(110.0))
     assert resample_frames(50, 50.0).tolist() == list(range(0, 50, 2))
     assert resample_frames(25, 25.0).tolist() == list(range(25))
+
+
+def test_lse_runs_on_frames_and_boxes_at_another_frame_rate(random_weights):
+    """The whole path (25 fps resampling, crops, MFCC, embeddings, scores) on 50 fps frames: finite scores over
+    the 31 candidate shifts, and the same numbers as the steps done by hand."""
+    from omnisync_core.eval.syncnet import lse
+
+    torch.set_num_threads(1)
+    model = load_syncnet(random_weights)
+    g = torch.Generator().manual_seed(4)
+    frames = torch.randint(0, 256, (24, 64, 64, 3), dtype=torch.uint8, generator=g)
+    boxes = torch.tensor([16.0, 12.0, 48.0, 52.0]).expand(24, 4)
+    pcm = torch.randn(16000 * 24 // 50, generator=g) * 0.1
+    r = lse(model, frames, boxes, pcm, fps=50)
+    assert r.distances.shape == (31,) and all(map(lambda v: v == v, (r.lse_c, r.lse_d)))
+    crops = syncnet_crops(frames[::2], boxes[::2])
+    lip, aud = syncnet_embeddings(model, crops, pcm)
+    assert lip.shape == (12 - 5, 1024)                     # windows 0 .. min(T, N // 640) - 6, as the reference
+    assert r.lse_d == sync_scores(lip, aud).lse_d

@@ -18,7 +18,7 @@ from ..timeline import source_frame_index
 from . import envelope, fidelity, lmd, success, temporal
 from .faces import FaceSeries, analyze_frames, fill_gaps
 
-SCORE_VERSION = 1          # bump when a formula changes: cached scores are then recomputed
+SCORE_VERSION = 2          # bump when a formula changes: cached scores are then recomputed
 
 
 @dataclass(frozen=True)
