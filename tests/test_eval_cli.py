@@ -75,7 +75,7 @@ def evaluated(workspace):
 def test_manifest_expands_sweeps_and_checks_its_input(workspace, tmp_path):
     root, manifest = workspace
     m = load_manifest(root / "grid.json")
-    assert [r.name for r in m.runs] == ["base", "tau tau=0.5", "tau tau=1.0", "source as output"]
+    assert [r.name for r in m.runs] == ["base", "tau=0.5", "tau=1.0", "source as output"]
     assert m.runs[1].group == "tau" and m.runs[1].sweep_value == 0.5 and m.runs[3].scores_existing
     assert m.output_dir == Path("outputs/eval/grid") and m.clips[0].video == root / "face.mp4"
     yaml_text = ("name: y\nclips:\n  - {video: %s, audio: %s}\n  - held_out: 2\nruns:\n  - name: a\n"
@@ -98,8 +98,8 @@ def test_eval_writes_the_report_and_every_number(evaluated):
     assert "4 outputs made" not in result.stdout and "3 outputs made, 4 scored" in result.stdout
     assert (out / "report.html").is_file()
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [(r["clip"], r["run"]) for r in rows] == [("face", "base"), ("face", "tau tau=0.5"),
-                                                     ("face", "tau tau=1.0"), ("face", "source as output")]
+    assert [(r["clip"], r["run"]) for r in rows] == [("face", "base"), ("face", "tau=0.5"),
+                                                     ("face", "tau=1.0"), ("face", "source as output")]
     assert rows[1]["sweep"] == "tau" and rows[1]["sweep_value"] == "0.5"
     data = json.loads((out / "results.json").read_text())
     cells = {c["run"]: c for c in data["cells"]}
@@ -129,7 +129,7 @@ def test_a_rerun_computes_only_what_changed(evaluated):
     (root / "grid2.json").write_text(json.dumps(manifest))
     changed = evaluate_manifest(load_manifest(root / "grid2.json", output_dir=out))
     assert [(c.run, c.generated, c.scored) for c in changed.cells] == [
-        ("base", True, True), ("tau tau=0.5", False, False), ("tau tau=1.0", False, False),
+        ("base", True, True), ("tau=0.5", False, False), ("tau=1.0", False, False),
         ("source as output", False, False)]
     assert changed.cells[1].metrics == again.cells[1].metrics
 

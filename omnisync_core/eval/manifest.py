@@ -4,7 +4,7 @@ PyYAML) or JSON. Paths are relative to the manifest's folder.
 .. code-block:: yaml
 
     name: demo at its shipped settings vs the ablations
-    output_dir: outputs/eval/demo      # default: outputs/eval/<manifest name> under the current folder
+    output_dir: outputs/eval/demo      # relative to the current folder (default: outputs/eval/<file name>)
     device: auto                       # auto, cpu, cuda, ...
     threads: 2                         # CPU threads (default: PyTorch's)
     model: demo                        # the runs' default model (demo = the bundled demo bundle)
@@ -23,7 +23,7 @@ PyYAML) or JSON. Paths are relative to the manifest's folder.
     runs:
       - name: shipped                  # the model's own defaults
       - {name: tau 1.0, settings: {tau: 1.0}}
-      - {name: tau, sweep: {tau: [0.8, 0.9, 1.0]}}       # three runs "tau=0.8", ... plotted against tau
+      - {name: tau, sweep: {tau: [0.8, 0.9, 1.0]}}       # runs "tau=0.8", "tau=0.9", "tau=1.0", plotted
       - {name: theirs, outputs: "renders/{clip}.mp4", window: 81, overlap: 8}   # score existing files
 """
 
@@ -196,7 +196,8 @@ def _runs(base: Path, items, model: Optional[str]) -> list[RunSpec]:
                 raise InputError(f"run {name!r}: 'sweep' takes one setting and its values, e.g. {{tau: [0.8, 1.0]}}")
             (key, values), = sweep.items()
             for v in values:
-                runs.append(RunSpec(f"{name} {key}={v}", settings={**settings, key: v}, group=name, sweep_key=key,
+                label = f"{key}={v}" if name == key else f"{name} {key}={v}"
+                runs.append(RunSpec(label, settings={**settings, key: v}, group=name, sweep_key=key,
                                     sweep_value=v, **common))
         else:
             runs.append(RunSpec(name, settings=settings, **common))
