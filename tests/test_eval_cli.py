@@ -95,7 +95,7 @@ def test_manifest_expands_sweeps_and_checks_its_input(workspace, tmp_path):
 
 def test_eval_writes_the_report_and_every_number(evaluated):
     root, out, result = evaluated
-    assert "4 outputs made" not in result.stdout and "3 outputs made, 4 scored" in result.stdout
+    assert "3 outputs made (0 from the cache), 4 scored (0 from the cache)" in result.stdout
     assert (out / "report.html").is_file()
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["clip"], r["run"]) for r in rows] == [("face", "base"), ("face", "tau=0.5"),

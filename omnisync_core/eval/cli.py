@@ -47,7 +47,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     made = sum(c.generated for c in results.cells)
     scored = sum(c.scored for c in results.cells)
     failed = [c for c in results.cells if c.error]
-    print(f"{made} outputs made, {scored} scored, {grid - scored} from the cache; {results.seconds:.0f} s")
+    runs = sum(not r.scores_existing for r in manifest.runs) * len(manifest.clips)
+    print(f"{made} outputs made ({runs - made} from the cache), {scored} scored ({grid - scored} from the cache); "
+          f"{results.seconds:.0f} s")
     for note in results.notes:
         print(f"note: {note}")
     for c in failed:

@@ -228,7 +228,7 @@ def envelope_plot(results: EvalResults, clip: str, plt) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------ HTML
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;color:#222;
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1400px;color:#222;
 padding:0 16px;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
 h3{margin-bottom:6px}.meta{color:#666;font-size:.9em}
@@ -240,7 +240,7 @@ img.plot{max-width:100%;display:block;margin:6px 0}img.strip{image-rendering:pix
 border:1px solid #ccc}.strips{display:flex;flex-wrap:wrap;gap:14px}.strips figure{margin:0}
 figcaption{font-size:.8em;color:#555}code{background:#f4f4f4;padding:0 3px}.scroll{overflow-x:auto}
 #summary-table th{white-space:normal;max-width:110px;vertical-align:bottom}
-.runs{display:flex;flex-wrap:wrap;gap:0 28px}.runs>div{flex:0 1 540px}
+.runs{display:flex;flex-wrap:wrap;gap:0 28px}.runs>div{flex:0 0 auto;max-width:660px}
 """
 
 
