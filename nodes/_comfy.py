@@ -159,6 +159,15 @@ class OmniSyncModel:
                 mm.current_loaded_models.pop(index)
         mm.soft_empty_cache()
 
+    def generator(self, sampler=None, step_callback=None):
+        """The window generator of this model, running on ComfyUI's device (load its parts first)."""
+        from ..omnisync_core.generator import OmniSyncGenerator
+
+        d = self.defaults
+        return OmniSyncGenerator(self.dit, self.vae, sampler, device=self.device, dtype=self.dtype,
+                                 step_callback=step_callback, audio_encoder=self.audio_encoder,
+                                 audio_before=int(d.get("audio_before", 2)), audio_after=int(d.get("audio_after", 2)))
+
     def default(self, key: str, value: Any, fallback: Any, unset: Any = 0) -> Any:
         """``value``, or the model's default for ``key`` when the user left the widget at ``unset``."""
         return self.defaults.get(key, fallback) if value == unset else value

@@ -39,9 +39,7 @@ class OmniSyncAudioEncode(io.ComfyNode):
         samples, rate = read_audio(audio)
         progress = Progress()
         model.load("audio")
-        d = model.defaults
-        embeds = embed_audio(samples, rate, model.audio_encoder, read_fps(fps), d.get("audio_before", 2),
-                             d.get("audio_after", 2), progress=progress.counter)
+        embeds = embed_audio(samples, rate, model.generator(), read_fps(fps), progress=progress.counter)
         model.offload("audio")
         return io.NodeOutput(embeds, embeds.num_frames)
 

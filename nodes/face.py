@@ -80,7 +80,7 @@ class OmniSyncPasteBack(io.ComfyNode):
         progress.check()
         out = paste_plan(images, crops, face_track, feather=feather, color_match=color_match,
                          progress=progress.counter)
-        audio = comfy_audio(face_track.output_audio(), face_track.sample_rate)
+        audio = comfy_audio(face_track.output_audio().read_all(), face_track.audio.sample_rate)
         return io.NodeOutput(out, audio, face_track.num_frames, float(face_track.fps))
 
 

@@ -11,7 +11,6 @@ from comfy_api.latest import InputImpl, io, ui
 import folder_paths
 
 from ..omnisync_core.frames import aligned_audio, lipsync_frames
-from ..omnisync_core.generator import OmniSyncGenerator
 from ..omnisync_core.io import probe_video
 from ..omnisync_core.pipeline import LipSyncPipeline
 from ._comfy import OmniSyncModel, Progress, comfy_audio, face_analyzer, read_audio, read_fps
@@ -37,18 +36,17 @@ def _setup(model: OmniSyncModel, kw: dict):
 
 def _total_steps(sampler, options, num_video_frames: int, samples, rate, fps) -> int:
     """Sampler steps of the whole run (windows x steps below tau), for one progress bar over all of them."""
-    from ..omnisync_core.audio import SAMPLE_RATE, FrameAligner, Waveform, prepare_audio
+    from ..omnisync_core.audio.track import AudioTrack
     from ..omnisync_core.sampling import flow_sigmas, truncate_sigmas
     from ..omnisync_core.timeline import plan_timeline, plan_windows
 
     runs = len(truncate_sigmas(flow_sigmas(sampler.steps, sampler.shift), sampler.tau)) - 1
-    speech = prepare_audio(Waveform(samples.mean(dim=0), rate))
-    audio_frames = FrameAligner(fps).num_frames(speech.samples.shape[0], SAMPLE_RATE)
+    audio_frames = AudioTrack.from_samples(samples, rate).num_frames(fps)
     timeline = plan_timeline(max(1, num_video_frames), max(1, audio_frames), options.length_policy)
     return max(1, runs * len(plan_windows(timeline.num_frames, options.window, options.overlap)))
 
 
-def _reporter(progress: Progress, generator: OmniSyncGenerator, total_steps: int):
+def _reporter(progress: Progress, generator, total_steps: int):
     """core's progress(stage, done, total): the face pass fills the bar once, then it restarts over every sampler
     step of every window; Cancel is honoured at each call."""
 
@@ -99,10 +97,9 @@ class OmniSyncLipSync(io.ComfyNode):
         total = _total_steps(sampler, options, images.shape[0], samples, rate, rate_fps)
         progress = Progress(images.shape[0])
         model.load("audio", "dit", "vae")
-        generator = OmniSyncGenerator(model.dit, model.vae, sampler, device=model.device, dtype=model.dtype,
-                                      step_callback=progress.step_bar(total))
-        result = lipsync_frames(images, samples, rate, rate_fps, generator, model.audio_encoder,
-                                face_analyzer(kw["detector"], model.device), options,
+        generator = model.generator(sampler, step_callback=progress.step_bar(total))
+        result = lipsync_frames(images, samples, rate, rate_fps, generator,
+                                face_analyzer=face_analyzer(kw["detector"], model.device), options=options,
                                 progress=_reporter(progress, generator, total))
         progress.bar.update_absolute(total, total)
         return io.NodeOutput(result.frames, comfy_audio(result.audio, result.sample_rate), result.num_frames,
@@ -152,10 +149,9 @@ class OmniSyncLipSyncVideo(io.ComfyNode):
             out = os.path.join(folder, name)
             total = _total_steps(sampler, options, info.num_frames, samples, rate, info.fps)
             model.load("audio", "dit", "vae")
-            generator = OmniSyncGenerator(model.dit, model.vae, sampler, device=model.device, dtype=model.dtype,
-                                          step_callback=progress.step_bar(total))
-            pipeline = LipSyncPipeline(generator, model.audio_encoder, face_analyzer(kw["detector"], model.device),
-                                       options)
+            generator = model.generator(sampler, step_callback=progress.step_bar(total))
+            pipeline = LipSyncPipeline(generator, face_analyzer=face_analyzer(kw["detector"], model.device),
+                                       options=options)
             result = pipeline.run(source, comfy_audio(samples, rate), out,
                                   progress=_reporter(progress, generator, total))
             progress.bar.update_absolute(total, total)

@@ -91,13 +91,11 @@ def guidance_scale_inputs() -> list:
 
 def lipsync_options(model: OmniSyncModel, *, length_policy, detector, face_index, box, crop_size, crop_margin,
                     window=0, overlap=-1, seed=0, feather=0.1, color_match=False) -> LipSyncOptions:
-    d = model.defaults
     return LipSyncOptions(
         window=model.default("window", window, 81), overlap=model.default("overlap", overlap, 8, unset=-1),
         crop_size=model.default("crop_size", crop_size, 512), crop_margin=float(crop_margin), seed=int(seed),
         length_policy=length_policy, face_index=None if face_index < 0 else int(face_index), box=parse_box(box),
-        feather=float(feather), color_match=bool(color_match), audio_before=int(d.get("audio_before", 2)),
-        audio_after=int(d.get("audio_after", 2)))
+        feather=float(feather), color_match=bool(color_match))
 
 
 def sampler_options(model: OmniSyncModel, *, steps=0, tau=0.0, guidance="ds-cfg", omega_peak=4.5, omega_base=1.0,

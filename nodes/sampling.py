@@ -5,7 +5,6 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..omnisync_core.frames import AudioEmbeds, FacePlan, LatentWindows, decode_latents, init_latents, sample_latents
-from ..omnisync_core.generator import OmniSyncGenerator
 from ..omnisync_core.sampling import flow_sigmas, truncate_sigmas
 from ._comfy import OmniSyncModel, Progress
 from .options import guidance_scale_inputs, sampler_inputs, sampler_options, seed_input, tau_input, window_inputs
@@ -42,8 +41,8 @@ class OmniSyncNoiseInit(io.ComfyNode):
         overlap = model.default("overlap", overlap, 8, unset=-1)
         progress = Progress()
         progress.check()
-        device = model.load("vae")
-        latents = init_latents(crops, model.vae, face_track.editable, window, overlap, tau, seed, device=device,
+        model.load("vae")
+        latents = init_latents(crops, model.generator(), face_track, window, overlap, tau, seed,
                                window_callback=progress.counter)
         return io.NodeOutput(latents)
 
@@ -79,8 +78,8 @@ class OmniSyncSampler(io.ComfyNode):
         runs = len(truncate_sigmas(flow_sigmas(options.steps, options.shift), latents.tau)) - 1
         editable = sum(1 for w in latents.windows if w.editable)
         progress = Progress()
-        device = model.load("dit", "vae")
-        generator = OmniSyncGenerator(model.dit, model.vae, options, device=device, dtype=model.dtype)
+        model.load("dit", "vae")
+        generator = model.generator(options)
         sampled = sample_latents(latents, generator, audio_embeds, face_track,
                                  step_callback=progress.step_bar(max(1, editable * runs)))
         return io.NodeOutput(sampled)
@@ -106,7 +105,7 @@ class OmniSyncDecode(io.ComfyNode):
     def execute(cls, model: OmniSyncModel, latents: LatentWindows) -> io.NodeOutput:
         progress = Progress(len(latents.windows))
         model.load("vae")
-        crops = decode_latents(latents, model.vae, window_callback=progress.counter)
+        crops = decode_latents(latents, model.generator(), window_callback=progress.counter)
         return io.NodeOutput(crops)
 
 

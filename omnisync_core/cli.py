@@ -145,15 +145,16 @@ def _cmd_lipsync(args: argparse.Namespace) -> int:
     options = LipSyncOptions(window=pick(args.window, "window", 81), overlap=pick(args.overlap, "overlap", 8),
                              crop_size=pick(args.crop_size, "crop_size", 512), seed=args.seed,
                              length_policy=args.length_policy, face_index=args.face_index, box=_parse_box(args.box),
-                             audio_before=defaults.get("audio_before", 2), audio_after=defaults.get("audio_after", 2),
                              color_match=args.color_match, keep_detail=not args.no_keep_detail)
     analyzer = None
     if args.detector != "none":
         from .face.analyze import FaceAnalyzer
 
         analyzer = FaceAnalyzer(device=device, detector=args.detector)
-    generator = OmniSyncGenerator(bundle.dit, bundle.vae, sampler, device=device, dtype=dtype)
-    pipeline = LipSyncPipeline(generator, bundle.audio_encoder, analyzer, options)
+    generator = OmniSyncGenerator(bundle.dit, bundle.vae, sampler, device=device, dtype=dtype,
+                                  audio_encoder=bundle.audio_encoder, audio_before=defaults.get("audio_before", 2),
+                                  audio_after=defaults.get("audio_after", 2))
+    pipeline = LipSyncPipeline(generator, face_analyzer=analyzer, options=options)
     report = pipeline.run(args.video, args.audio, args.out, progress=ProgressBar())
     print(f"wrote {report.output}: {report.frames} frames at {float(report.fps):.3f} fps "
           f"({report.frames / float(report.fps):.2f} s) in {report.windows} windows; "

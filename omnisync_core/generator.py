@@ -9,6 +9,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .audio.align import FrameAligner
+from .audio.features import TOKEN_RATE, whisper_tokens
 from .errors import InputError
 from .model.dit import OmniSyncDiT
 from .model.vae import WanVAE
@@ -50,21 +52,62 @@ def latent_mouths(mouth_xy: Tensor, face_width: Tensor, crop_size: int, latent_h
     return mouth * scale, width * scale[0]
 
 
-class OmniSyncGenerator:
-    """Edits windows of crops with an OmniSync DiT and a Wan VAE. ``device`` and ``dtype`` are where and how the
-    models run; crops come and go on the CPU as float 0..1."""
+class WhisperFrameTokens:
+    """The OmniSync family's audio conditioning: per video frame the Whisper tokens around its start
+    (``before + 1 + after`` of them), read from the whole track's features window by window."""
 
-    needs_audio = True
+    def __init__(self, tokens, fps, before: int = 2, after: int = 2):
+        self.tokens, self.before, self.after = tokens, int(before), int(after)
+        self.aligner = FrameAligner(fps, feature_rate=TOKEN_RATE)
+
+    def window(self, frames: Tensor) -> Tensor:
+        """``[n, before + 1 + after, D]`` float32 for output frames ``frames [n]``."""
+        index = self.aligner.window_indices(frames, self.before, self.after, self.tokens.num_tokens)
+        lo, hi = int(index.min()), int(index.max()) + 1
+        return self.tokens.tokens(lo, hi)[index - lo]
+
+    def materialized(self) -> "WhisperFrameTokens":
+        """The same conditioning with every token computed now (for the granular nodes: no encoder needed later)."""
+        whole = self.tokens.tokens(0, self.tokens.num_tokens)
+        return WhisperFrameTokens(_Tokens(whole), self.aligner.fps, self.before, self.after)
+
+
+class _Tokens:
+    """Tokens already computed, read like a :class:`~omnisync_core.audio.features.ChunkedEncoding`."""
+
+    def __init__(self, features: Tensor):
+        self.features, self.num_tokens = features, features.shape[0]
+
+    def tokens(self, start: int, stop: int) -> Tensor:
+        return self.features[start:stop]
+
+
+@dataclass
+class WindowLatents:
+    """One window's state through the stages: the source latent, its noise and, once sampled, the latent."""
+
+    z_src: Tensor
+    noise: Tensor
+    z: Optional[Tensor] = None
+
+
+class OmniSyncGenerator:
+    """Edits windows of crops with an OmniSync DiT, a Wan VAE (or pixel codec) and a Whisper encoder. ``device``
+    and ``dtype`` are where and how the models run; crops come and go on the CPU as float 0..1. ``audio_before``
+    and ``audio_after`` are the Whisper tokens around each frame the model was trained with."""
 
     def __init__(self, dit: OmniSyncDiT, vae: WanVAE, options: Optional[SamplerOptions] = None,
                  device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
-                 step_callback: Optional[Callable[[int, int, Tensor], None]] = None):
+                 step_callback: Optional[Callable[[int, int, Tensor], None]] = None, audio_encoder=None,
+                 audio_before: int = 2, audio_after: int = 2):
         self.options = options or SamplerOptions()
         if self.options.guidance not in GUIDANCE_MODES:
             raise InputError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, got {self.options.guidance!r}")
         self.device = torch.device(device) if device is not None else next(dit.parameters()).device
         self.dtype = dtype
         self.dit, self.vae = dit.eval(), vae.eval()
+        self.audio_encoder = audio_encoder
+        self.audio_before, self.audio_after = int(audio_before), int(audio_after)
         self.step_callback = step_callback
         self.last_stats: Optional[SampleStats] = None
 
@@ -72,6 +115,18 @@ class OmniSyncGenerator:
     def temporal_factor(self) -> int:
         """Video frames per latent frame: 4 for the Wan VAE, the codec's own factor for a pixel codec."""
         return int(getattr(getattr(self.vae, "config", None), "temporal_factor", 4))
+
+    # ------------------------------------------------------------------ audio
+
+    def audio_features(self, track, fps, progress: Optional[Callable[[int, int], None]] = None
+                       ) -> WhisperFrameTokens:
+        """Whisper tokens of ``track`` (an AudioTrack), encoded 30 s chunk by chunk as the windows ask for them."""
+        if self.audio_encoder is None:
+            raise InputError("the OmniSync generator needs its Whisper audio encoder")
+        tokens = whisper_tokens(track.speech(), self.audio_encoder, progress=progress)
+        return WhisperFrameTokens(tokens, fps, self.audio_before, self.audio_after)
+
+    # ------------------------------------------------------------------ stages
 
     def _guidance(self, mouth_xy: Tensor, face_width: Tensor, crop_size: int, latent_hw: tuple[int, int]):
         opts = self.options
@@ -81,6 +136,39 @@ class OmniSyncGenerator:
             return constant_guidance(opts.cfg_scale)
         mouth, width = latent_mouths(mouth_xy, face_width, crop_size, latent_hw, self.temporal_factor)
         return DSCFGGuidance(mouth.unsqueeze(0).to(self.device), width.unsqueeze(0), latent_hw, opts.tau, opts.ds_cfg)
+
+    @torch.no_grad()
+    def encode(self, window) -> WindowLatents:
+        """The window's source latent and the noise drawn for it from its seed (progressive init starts there)."""
+        return WindowLatents(*encode_window(self.vae, window.crops, window.seed, self.device))
+
+    @torch.no_grad()
+    def sample(self, state: WindowLatents, window, step_callback=None) -> WindowLatents:
+        """Sample from ``z_src`` noised to tau (progressive init) under the configured guidance."""
+        if window.audio is None:
+            raise InputError("the OmniSync generator needs per-frame audio tokens")
+        z = self.denoise(state.z_src, state.noise, window.audio, window.mouth_xy, window.face_width,
+                         window.crops.shape[1], step_callback)
+        return WindowLatents(state.z_src, state.noise, z)
+
+    @torch.no_grad()
+    def decode(self, state: WindowLatents, window) -> Tensor:
+        if state.z is None:
+            raise InputError("this window has not been sampled yet (run the DS-CFG sampler first)")
+        return decode_window(self.vae, state.z, window.crops.shape[0])
+
+    @torch.no_grad()
+    def __call__(self, window) -> Tensor:
+        return self.decode(self.sample(self.encode(window), window), window)
+
+    def edit(self, crops: Tensor, audio: Tensor, mouth_xy: Tensor, face_width: Tensor, seed: int) -> Tensor:
+        """One window edited outside a job: ``crops [n, S, S, 3]``, per-frame tokens ``audio [n, A, D]``, mouth
+        ``[n, 2]`` and face width ``[n]`` in crop pixels, the window's seed."""
+        from .job import WindowInput
+
+        n = crops.shape[0]
+        return self(WindowInput(crops, torch.arange(n), None, audio, mouth_xy, face_width, None, int(seed),
+                                torch.ones(n, dtype=torch.bool)))
 
     @torch.no_grad()
     def denoise(self, z_src: Tensor, noise: Tensor, audio: Tensor, mouth_xy: Tensor, face_width: Tensor,
@@ -103,15 +191,6 @@ class OmniSyncGenerator:
         z, self.last_stats = sample(velocity, z_src, noise, sigmas, self.options.tau, guidance,
                                     step_callback if step_callback is not None else self.step_callback)
         return z
-
-    @torch.no_grad()
-    def __call__(self, crops: Tensor, audio: Optional[Tensor], mouth_xy: Tensor, face_width: Tensor,
-                 seed: int) -> Tensor:
-        if audio is None:
-            raise InputError("the OmniSync generator needs per-frame audio tokens")
-        z_src, noise = encode_window(self.vae, crops, seed, self.device)
-        z = self.denoise(z_src, noise, audio, mouth_xy, face_width, crops.shape[1])
-        return decode_window(self.vae, z, crops.shape[0])
 
 
 def pad_frames(t: Tensor, tail: int) -> Tensor:

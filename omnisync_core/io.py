@@ -507,6 +507,34 @@ def _frames_uint8(frames: Union[Tensor, np.ndarray]) -> np.ndarray:
     return frames
 
 
+class _PlanesAudio:
+    """Float32 planes ``[C, N]`` in memory, read like a streaming audio source."""
+
+    def __init__(self, planes: np.ndarray, rate: int):
+        self.planes, self.sample_rate = planes, rate
+        self.channels, self.num_samples = planes.shape
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.planes[:, start:stop]
+
+    def close(self) -> None:
+        pass
+
+
+def _audio_source(audio):
+    """What the writer pulls its audio from: a streaming source (``read(start, stop) -> [C, n]``, ``sample_rate``,
+    ``channels`` (1 or 2), ``num_samples``, ``close()``; e.g. :meth:`AudioTrack.clipped`) as it is, or a
+    :class:`Waveform` / ``(samples, rate)`` pair held in memory."""
+    if hasattr(audio, "read") and hasattr(audio, "num_samples"):
+        if audio.channels not in (1, 2) or audio.num_samples <= 0:
+            raise VideoError(f"audio to write must be mono or stereo and not empty, got {audio.channels} channels "
+                             f"and {audio.num_samples} samples")
+        if not isinstance(audio.sample_rate, (int, np.integer)) or audio.sample_rate <= 0:
+            raise VideoError(f"audio sample rate must be a positive integer, got {audio.sample_rate!r}")
+        return audio
+    return _PlanesAudio(*_audio_planes(audio))
+
+
 def _audio_planes(audio) -> tuple[np.ndarray, int]:
     """A :class:`Waveform` or ``(samples, rate)`` (``[N]``, ``[C, N]``, ``[N, C]`` or ``[1, C, N]``, C <= 2)
     as float32 ``[C, N]`` and the rate."""
@@ -543,8 +571,10 @@ class VideoWriter:
 
     The file is written to ``.NAME.partial-XXXX.EXT`` beside the destination and renamed over it on a
     successful :meth:`close`; any exception inside the ``with`` block (KeyboardInterrupt included) deletes it
-    and leaves the destination untouched. The whole ``audio`` is given up front and muxed in step with the
-    frames (interleaved by time); every sample given is encoded, none is added (trim or pad beforehand).
+    and leaves the destination untouched. ``audio`` (a Waveform, a ``(samples, rate)`` pair, or a streaming source
+    such as :meth:`AudioTrack.clipped <omnisync_core.audio.track.AudioTrack.clipped>` that is read block by block,
+    so a long track never sits in memory) is muxed in step with the frames (interleaved by time); every sample
+    given is encoded, none is added (trim or pad beforehand).
     The codec time base is exactly ``1 / fps`` (1001/30000 for 29.97); Matroska stores milliseconds.
     mp4/mov get ``faststart`` (index first, for streaming) unless disabled, which rewrites the file at close.
     """
@@ -571,7 +601,8 @@ class VideoWriter:
                     av.Codec(wanted, "w")
                 except (av.FFmpegError, ValueError):
                     raise VideoError(f"{kind} encoder {wanted!r} is not available in PyAV's FFmpeg") from None
-        self.audio, self.sample_rate = _audio_planes(audio) if audio is not None else (None, None)
+        self.audio = _audio_source(audio) if audio is not None else None
+        self.sample_rate = self.audio.sample_rate if audio is not None else None
         rates = av.Codec(audio_codec, "w").audio_rates if audio is not None else None
         if rates and self.sample_rate not in rates:
             raise VideoError(f"{audio_codec} cannot encode {self.sample_rate} Hz audio; resample to one of "
@@ -631,7 +662,7 @@ class VideoWriter:
             video.bit_rate = int(width * height * float(self.fps) * 0.3)
         self._video = video
         if self.audio is not None:
-            layout = "mono" if self.audio.shape[0] == 1 else "stereo"
+            layout = "mono" if self.audio.channels == 1 else "stereo"
             self._audio_stream = self._container.add_stream(self.audio_codec, rate=self.sample_rate, layout=layout)
             self._audio_stream.bit_rate = self.audio_bitrate
             self._audio_stream.time_base = Fraction(1, self.sample_rate)
@@ -665,17 +696,22 @@ class VideoWriter:
         if self.audio is None:
             return
         av = _av()
-        total = self.audio.shape[1]
+        total = self.audio.num_samples
         chunk = self._audio_stream.codec_context.frame_size or 1024
         if final:
             target = total
         else:
             due = math.ceil(Fraction(self.frames_written) / self.fps * self.sample_rate)
             target = min(total, due - due % chunk)
-        layout = "mono" if self.audio.shape[0] == 1 else "stereo"
+        layout = "mono" if self.audio.channels == 1 else "stereo"
         while self._audio_written < target:
             stop = min(self._audio_written + chunk, target)
-            frame = av.AudioFrame.from_ndarray(self.audio[:, self._audio_written:stop].copy(), format="fltp",
+            block = self.audio.read(self._audio_written, stop)
+            block = block.numpy() if isinstance(block, Tensor) else block
+            if block.shape != (self.audio.channels, stop - self._audio_written) or not np.isfinite(block).all():
+                raise VideoError(f"the audio source gave {block.shape} samples (or NaN) for samples "
+                                 f"{self._audio_written}..{stop}")
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block, dtype=np.float32), format="fltp",
                                                layout=layout)
             frame.sample_rate, frame.pts = self.sample_rate, self._audio_written
             frame.time_base = Fraction(1, self.sample_rate)
@@ -696,6 +732,7 @@ class VideoWriter:
             if self._audio_stream is not None:
                 self._container.mux(self._audio_stream.encode(None))
             self._container.close()
+            self._close_audio()
             publish(self.partial_path, self.path)
         except (av.FFmpegError, OSError) as error:
             self.abort()
@@ -714,7 +751,12 @@ class VideoWriter:
             self._container.close()
         except Exception:  # the file is being thrown away; a muxer complaint about it does not matter
             pass
+        self._close_audio()
         self._remove_partial()
+
+    def _close_audio(self) -> None:
+        if self.audio is not None:
+            self.audio.close()
 
     def _remove_partial(self) -> None:
         try:

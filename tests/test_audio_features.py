@@ -64,7 +64,7 @@ def test_no_seam_every_30_seconds(tiny_en, minute_of_speech):
     (no right context) are distorted: that is the glitch every 30 s of naive chunking. Compare the tokens around
     30 s with a reference window that has them in its middle."""
     track = minute_of_speech
-    ours = encode_audio(track, tiny_en, batch_size=2)
+    ours = encode_audio(track, tiny_en)
     naive = torch.cat([tiny_en(log_mel_spectrogram(track[s:s + 480000], pad_to_frames=3000).unsqueeze(0))[0]
                        for s in range(0, track.shape[0], 480000)])[: ours.shape[0]]
     reference = tiny_en(log_mel_spectrogram(track[750 * 320: 750 * 320 + 480000], pad_to_frames=3000)[None])[0]

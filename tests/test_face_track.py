@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from omnisync_core.errors import InputError
-from omnisync_core.face.track import (CHEEK_POINTS, MOUTH_POINTS, FaceTrack, build_track, detect_shot_changes,
-                                      savgol)
-from omnisync_core.face.types import FrameFaces
+from omnisync_core.face.track import (CHEEK_POINTS, MOUTH_POINTS, FaceTrack, ShotChanges, build_track,
+                                      detect_shot_changes, savgol)
+from omnisync_core.face.types import FACE_POINTS, FaceDetections, FrameFaces, face_points
 
 HW = (360, 640)
 
@@ -61,11 +61,15 @@ def test_gap_is_interpolated_and_valid():
     assert track.valid.all() and not track.warnings
     assert not track.detected[20:30].any() and track.detected[:20].all() and track.detected[30:].all()
     assert torch.allclose(track.boxes, torch.tensor(truth), atol=1e-3)  # linear motion: SG and lerp are exact
-    assert track.landmarks is not None and track.landmarks.shape == (T, 468, 3)
-    # mouth and width from the Face Mesh points
-    lm = track.landmarks
-    assert torch.allclose(track.mouth_xy, lm[:, list(MOUTH_POINTS), :2].mean(1), atol=1e-4)
-    assert torch.allclose(track.face_width, (lm[:, CHEEK_POINTS[1], :2] - lm[:, CHEEK_POINTS[0], :2]).norm(dim=-1))
+    assert track.points is not None and track.points.shape == (T, len(FACE_POINTS), 2)
+    # mouth and width from the named Face Mesh points, which are the means of their mesh indices
+    assert torch.allclose(track.mouth_xy, track.point("mouth")) and torch.allclose(track.point("chin"),
+                                                                                    track.points[:, -1])
+    assert torch.allclose(track.face_width, (track.point("left_cheek") - track.point("right_cheek")).norm(dim=-1))
+    mesh = torch.stack([landmarks(truth[t], torch.Generator().manual_seed(t)) for t in (0, 40)])
+    assert torch.allclose(track.mouth_xy[[0, 40]], mesh[:, list(MOUTH_POINTS), :2].mean(1), atol=1e-2)
+    assert torch.allclose(track.face_width[[0, 40]], (mesh[:, CHEEK_POINTS[1], :2] - mesh[:, CHEEK_POINTS[0], :2])
+                          .norm(dim=-1), atol=1e-2)
     assert torch.allclose(track.mouth_xy[25], torch.tensor([100 + 4 * 25.0, 150 + 25 + 0.27 * 100]), atol=1e-3)
 
 
@@ -88,7 +92,7 @@ def test_no_face_anywhere_uses_fallback_box(user_box):
         track = build_track(seq, HW, box=user_box)
     expect = torch.tensor(user_box) if user_box else torch.tensor(square(320, 180, 0.5 * 360))
     assert torch.allclose(track.boxes, expect.expand(12, 4))
-    assert track.valid.all() and not track.detected.any() and track.landmarks is None
+    assert track.valid.all() and not track.detected.any() and track.points is None
     assert len(track.warnings) == 1
     # mouth lies inside the box, below its centre
     assert ((track.mouth_xy[:, 1] > (expect[1] + expect[3]) / 2) & (track.mouth_xy[:, 1] < expect[3])).all()
@@ -180,23 +184,23 @@ def test_min_score_and_window_save_load(tmp_path):
     track = build_track(seq, HW)
     assert torch.allclose(centres(track)[:, 0], 200 + torch.arange(T).float(), atol=1e-3)
     win = track.window(5, 12)
-    assert len(win) == 7 and torch.equal(win.boxes, track.boxes[5:12]) and torch.equal(win.landmarks,
-                                                                                       track[5:12].landmarks)
+    assert len(win) == 7 and torch.equal(win.boxes, track.boxes[5:12]) and torch.equal(win.points,
+                                                                                       track[5:12].points)
     path = str(tmp_path / "track.safetensors")
     track.save(path)
     back = FaceTrack.load(path)
-    for name in ("boxes", "landmarks", "valid", "detected", "shot_ids", "mouth_xy", "face_width", "eyes"):
+    for name in ("boxes", "points", "valid", "detected", "shot_ids", "mouth_xy", "face_width", "eyes"):
         assert torch.equal(getattr(back, name), getattr(track, name)), name
     assert back.frame_hw == track.frame_hw and back.warnings == track.warnings
-    track.save(path, with_landmarks=False)
-    assert FaceTrack.load(path).landmarks is None
+    track.save(path, with_points=False)
+    assert FaceTrack.load(path).points is None
     assert track.to("cpu").boxes.device.type == "cpu"
 
 
 def test_keypoint_mouth_without_landmarks_and_bad_input():
     seq = [frame_faces([square(300, 200, 100)]) for _ in range(5)]
     track = build_track(seq, HW)
-    assert track.landmarks is None
+    assert track.points is None
     assert torch.allclose(track.mouth_xy, torch.tensor([300.0, 150 + 78.0]).expand(5, 2))
     assert torch.allclose(track.face_width, torch.full((5,), 100.0))
     with pytest.raises(InputError):
@@ -267,3 +271,30 @@ def test_shot_signatures_can_be_computed_in_chunks():
     assert shot_changes_from_signatures(parts) == detect_shot_changes(clip) == [12]
     with pytest.raises(InputError):
         detect_shot_changes(torch.rand(4, 8, 8))
+
+
+def test_detections_and_track_keep_a_few_bytes_per_frame():
+    """What a clip keeps per frame is its faces' boxes, keypoints and named points, not the 468-point mesh: the
+    state of an hour at 60 fps stays in the tens of MB (216,000 frames)."""
+    T = 300
+    seq = [frame_faces([square(200 + t * 0.5, 180, 100)], True, t) for t in range(T)]
+    detections = FaceDetections().extend(seq)
+    assert len(detections) == T and detections.num_faces == T
+    per_frame = detections.nbytes() / T
+    assert per_frame < 400, per_frame                       # a mesh alone is 468 x 3 x 4 = 5616 bytes
+    again = detections.frame(17)
+    assert torch.equal(again.boxes, seq[17].boxes) and torch.allclose(again.points, face_points(seq[17].landmarks))
+    track = build_track(detections, HW)
+    assert track.nbytes() / T < 300, track.nbytes() / T
+    assert torch.allclose(track.boxes, build_track(seq, HW).boxes)   # a list of FrameFaces tracks the same
+    assert len(detections.frame(5, min_score=0.95)) == 0      # scores are 0.9
+
+
+def test_shot_changes_stream_chunk_by_chunk():
+    clip = torch.rand(1, 48, 64, 3).expand(40, -1, -1, -1).clone()
+    clip[23:] = torch.rand(48, 64, 3) * 0.5
+    shots = ShotChanges()
+    for start in range(0, 40, 6):                              # a cut inside a chunk and chunk edges elsewhere
+        shots.add(clip[start:start + 6])
+    assert shots.cuts() == detect_shot_changes(clip) == [23]
+    assert sum(s.numel() for s in shots._scores) == 39        # one score per frame pair, nothing else per frame

@@ -16,6 +16,7 @@ from omnisync_core.frames import (aligned_audio, audio_channels, crop_plan, deco
 from omnisync_core.generator import OmniSyncGenerator, SamplerOptions
 from omnisync_core.io import VideoReader, VideoWriter, probe_video
 from omnisync_core.pipeline import LipSyncOptions, LipSyncPipeline, PassThroughGenerator
+from omnisync_core.sampling import seeded_noise
 from tiny_models import TINY_DEFAULTS, chirp, talking_pattern, tiny_parts
 
 RATE = 22050
@@ -28,14 +29,15 @@ def models():
 
 def options(**overrides) -> LipSyncOptions:
     base = dict(window=TINY_DEFAULTS["window"], overlap=TINY_DEFAULTS["overlap"], crop_size=32, seed=5,
-                audio_before=1, audio_after=1, box=(40, 24, 88, 72))
+                box=(40, 24, 88, 72))
     base.update(overrides)
     return LipSyncOptions(**base)
 
 
 def generator(models, steps=4, tau=0.92):
-    dit, vae, _ = models
-    return OmniSyncGenerator(dit, vae, SamplerOptions(steps=steps, tau=tau))
+    dit, vae, whisper = models
+    return OmniSyncGenerator(dit, vae, SamplerOptions(steps=steps, tau=tau), audio_encoder=whisper, audio_before=1,
+                             audio_after=1)
 
 
 def test_fps_fraction_snaps_host_floats_to_exact_rates():
@@ -93,46 +95,47 @@ def test_staged_functions_equal_lipsync_frames(models):
     frames = talking_pattern(13)
     audio = chirp(0.6, channels=1)
     opts = options()
-    whole = lipsync_frames(frames, audio, RATE, 25.0, generator(models), whisper, options=opts)
+    whole = lipsync_frames(frames, audio, RATE, 25.0, generator(models), options=opts)
     assert whole.num_frames == 15 and whole.windows == 2
 
-    embeds = embed_audio(audio, RATE, whisper, 25.0, opts.audio_before, opts.audio_after)
+    gen = generator(models)
+    embeds = embed_audio(audio, RATE, gen, 25.0)
     assert embeds.num_frames == 15 and embeds.fps == 25
     plan = plan_faces(frames, embeds, None, opts)
     crops = crop_plan(frames, plan)
     assert crops.shape == (15, 32, 32, 3) and plan.editable.all()
-    latents = init_latents(crops, vae, plan.editable, opts.window, opts.overlap, tau=0.92, seed=opts.seed)
+    latents = init_latents(crops, gen, plan, opts.window, opts.overlap, tau=0.92, seed=opts.seed)
     assert [len(w.window) for w in latents.windows] == [9, 8] and not latents.sampled
     with pytest.raises(InputError, match="not been sampled"):
-        decode_latents(latents, vae)
-    start = latents.start_latent(0)
-    assert torch.allclose(start, 0.08 * latents.windows[0].z_src + 0.92 * latents.windows[0].noise)
-    sampled = sample_latents(latents, generator(models), embeds, plan)
+        decode_latents(latents, gen)
+    first = latents.windows[0].state
+    assert first.z_src.shape == first.noise.shape and first.z is None
+    sampled = sample_latents(latents, gen, embeds, plan)
     assert sampled.sampled and not latents.sampled
-    edited = decode_latents(sampled, vae)
+    edited = decode_latents(sampled, gen)
     out = paste_plan(frames, edited, plan)
     assert torch.allclose(out, whole.frames, atol=1e-6)
-    assert torch.equal(plan.output_audio(), whole.audio)
+    assert torch.equal(plan.output_audio().read_all(), whole.audio)
     # the model really edits the face: the crops changed, the frame outside the crop did not
     assert (edited - crops).abs().mean() > 1e-3
     assert torch.equal(out[:, :, :16], frames[plan.index][:, :, :16])
     # the noise of a window depends on the seed and the window's start only
-    other = init_latents(crops, vae, plan.editable, opts.window, opts.overlap, tau=0.92, seed=opts.seed + 7)
-    assert torch.equal(other.windows[0].noise, init_latents(crops[:9], vae, plan.editable[:9], 9, 2, 0.92,
-                                                            opts.seed + 7).windows[0].noise)
-    assert not torch.equal(other.windows[0].noise, latents.windows[0].noise)
+    other = init_latents(crops, gen, plan, opts.window, opts.overlap, tau=0.92, seed=opts.seed + 7)
+    second = other.windows[1]
+    assert torch.equal(second.state.noise, seeded_noise(second.state.z_src.shape, opts.seed + 7 + second.window.start))
+    assert not torch.equal(other.windows[0].state.noise, latents.windows[0].state.noise)
 
 
 def test_sampler_checks_its_inputs(models):
     dit, vae, whisper = models
     frames = talking_pattern(9)
     audio = chirp(0.36, channels=1)
-    embeds = embed_audio(audio, RATE, whisper, 25.0, 1, 1)
+    embeds = embed_audio(audio, RATE, generator(models), 25.0)
     plan = plan_faces(frames, embeds, None, options())
-    latents = init_latents(crop_plan(frames, plan), vae, plan.editable, 9, 2, tau=0.5, seed=0)
+    latents = init_latents(crop_plan(frames, plan), generator(models), plan, 9, 2, tau=0.5, seed=0)
     with pytest.raises(InputError, match="tau"):
         sample_latents(latents, generator(models, tau=0.92), embeds, plan)
-    wrong = embed_audio(audio, RATE, whisper, 30.0, 1, 1)
+    wrong = embed_audio(audio, RATE, generator(models), 30.0)
     with pytest.raises(InputError, match="fps"):
         sample_latents(latents, generator(models, tau=0.5), wrong, plan)
     with pytest.raises(InputError, match="made for 9 frames"):
@@ -150,12 +153,12 @@ def test_matches_the_file_pipeline(tmp_path, models):
     wav = write_wav(tmp_path / "speech.wav", audio[0].numpy(), RATE)
     opts = options()
     out = tmp_path / "out.mp4"
-    report = LipSyncPipeline(generator(models), whisper, None, opts).run(str(clip), str(wav), str(out))
+    report = LipSyncPipeline(generator(models), None, None, opts).run(str(clip), str(wav), str(out))
     with VideoReader(clip) as reader:
         source = reader.read_all()
     from omnisync_core.audio import load_audio
     wave = load_audio(wav)
-    result = lipsync_frames(source, wave.samples, wave.sample_rate, 25.0, generator(models), whisper, options=opts)
+    result = lipsync_frames(source, wave.samples, wave.sample_rate, 25.0, generator(models), options=opts)
     assert result.num_frames == report.frames == probe_video(out).num_frames
     # the random model draws noise-like texture that the codec cannot keep: compare both through the same codec
     again = tmp_path / "again.mp4"

@@ -91,10 +91,10 @@ def test_generator_runs_with_pixel_codec(guidance):
     crops = torch.rand(7, 32, 32, 3)
     audio = torch.randn(7, 4, 24)
     mouth = torch.tensor([[16.0, 22.0]]).expand(7, 2)
-    out = gen(crops, audio, mouth, torch.full((7,), 20.0), seed=3)
+    out = gen.edit(crops, audio, mouth, torch.full((7,), 20.0), seed=3)
     assert out.shape == (7, 32, 32, 3)
     assert out.min() >= 0 and out.max() <= 1
-    assert torch.equal(out, gen(crops, audio, mouth, torch.full((7,), 20.0), seed=3))   # seeded
+    assert torch.equal(out, gen.edit(crops, audio, mouth, torch.full((7,), 20.0), seed=3))   # seeded
     assert gen.last_stats.model_calls > 0
 
 
@@ -114,7 +114,7 @@ def test_generator_identity_dit_returns_source():
 
     crops = torch.rand(5, 16, 16, 3)
     gen = OmniSyncGenerator(ToSource(), codec, SamplerOptions(steps=8, guidance="none"))
-    out = gen(crops, torch.zeros(5, 2, 8), torch.full((5, 2), 8.0), torch.full((5,), 10.0), seed=0)
+    out = gen.edit(crops, torch.zeros(5, 2, 8), torch.full((5, 2), 8.0), torch.full((5,), 10.0), seed=0)
     assert torch.allclose(out, crops, atol=1e-4)
 
 
@@ -129,7 +129,7 @@ def test_source_residual_model_with_a_silent_head_returns_its_source():
     torch.nn.init.zeros_(dit.head.head.weight)
     torch.nn.init.zeros_(dit.head.head.bias)
     crops = torch.rand(5, 32, 32, 3)
-    out = OmniSyncGenerator(dit, codec, SamplerOptions(steps=8))(crops, torch.randn(5, 5, 16),
+    out = OmniSyncGenerator(dit, codec, SamplerOptions(steps=8)).edit(crops, torch.randn(5, 5, 16),
                                                                   torch.full((5, 2), 16.0), torch.full((5,), 12.0), 0)
     assert (out - crops).abs().max() < 1e-4
     with pytest.raises(InputError, match="source"):

@@ -309,6 +309,6 @@ def test_pixel_codec_run_with_mouth_weighting_exports_a_half_precision_bundle(sh
     crops = torch.rand(WINDOW, 32, 32, 3)
     audio = torch.randn(WINDOW, 5, 32)
     mouth, width = torch.full((WINDOW, 2), 16.0), torch.full((WINDOW,), 14.0)
-    outs = [OmniSyncGenerator(b.dit, b.vae, SamplerOptions(steps=6))(crops, audio, mouth, width, seed=1)
+    outs = [OmniSyncGenerator(b.dit, b.vae, SamplerOptions(steps=6)).edit(crops, audio, mouth, width, seed=1)
             for b in (bundle, half)]
     assert outs[0].shape == crops.shape and (outs[0] - outs[1]).abs().max() < 0.02

@@ -21,15 +21,13 @@ Deliberate deviation: HuMo encodes back-to-back 30 s chunks; we use the overlapp
 
 from __future__ import annotations
 
-import bisect
-from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ..errors import AudioError, InputError
-from .features import TOKEN_RATE, Chunk, chunk_log_mel, plan_chunks
+from .features import TOKEN_RATE, ChunkedEncoding, as_speech
 from .mel import SAMPLE_RATE
 from .whisper import WhisperEncoder
 
@@ -139,74 +137,49 @@ def humo_null_windows(num_video_frames: int, num_groups: int = 5, dim: int = 128
 class HumoAudioTrack:
     """HuMo's 25-fps audio features of a whole track, encoded chunk by chunk on demand.
 
-    ``samples``: 16 kHz mono ``[N]``. :meth:`frames` returns any range of the ``num_frames`` features
-    ``[n, 5, d_model]`` (float32, CPU), :meth:`windows` a video window's ``[T_lat, 8, 5, d_model]``. Each value
-    depends only on the track and the chunk plan, never on the order of requests: what is returned for a range
-    equals the same rows of :func:`encode_humo_audio`.
+    ``speech``: 16 kHz mono samples ``[N]`` or a reader of them (:class:`~omnisync_core.audio.track.SpeechReader`).
+    :meth:`frames` returns any range of the ``num_frames`` features ``[n, 5, d_model]`` (float32, CPU),
+    :meth:`windows` a video window's ``[T_lat, 8, 5, d_model]``. Each value depends only on the track and the chunk
+    plan, never on the order of requests: what is returned for a range equals the same rows of
+    :func:`encode_humo_audio`.
 
-    Memory (large-v3, d_model 1280): the track keeps its samples (64 kB per second, 230 MB per hour, on the CPU)
-    and the group means of the last ``cache_chunks`` encoded chunks, at most 1500 x 5 x 1280 x 4 B = 38 MB each.
-    One encoder call holds its activations plus five float32 running sums (5 x 1500 x 1280 x 4 B = 38 MB) instead
-    of 33 hidden states (250 MB). Whole-track features would be 25 x 5 x 1280 x 4 B = 640 kB per second: 2.3 GB per
-    hour in float32, 1.15 GB in float16; a window of 97 video frames is 25 x 8 x 5 x 1280 x 4 B = 5.1 MB. Walking a
-    dub forward window by window encodes every chunk once; a request far behind re-encodes its chunks.
-    ``progress(done, total)`` is called after each chunk encoded for the first time.
+    Memory (large-v3, d_model 1280): the group means of the last ``cache_chunks`` encoded chunks, at most
+    1500 x 5 x 1280 x 4 B = 38 MB each, and the samples only if they were given as a tensor (64 kB per second;
+    a reader decodes them as it goes). One encoder call holds its activations plus five float32 running sums
+    (5 x 1500 x 1280 x 4 B = 38 MB) instead of 33 hidden states (250 MB). Whole-track features would be
+    25 x 5 x 1280 x 4 B = 640 kB per second: 2.3 GB per hour in float32, 1.15 GB in float16; a window of 97 video
+    frames is 25 x 8 x 5 x 1280 x 4 B = 5.1 MB. ``progress(done, total)`` is called after each chunk encoded for
+    the first time.
     """
 
-    def __init__(self, samples: Tensor, encoder: WhisperEncoder, context: int = 250, cache_chunks: int = 2,
+    def __init__(self, speech, encoder: WhisperEncoder, context: int = 250, cache_chunks: int = 2,
                  progress: Optional[Callable[[int, int], None]] = None):
-        if samples.ndim != 1:
-            raise AudioError(f"HuMo's audio features need mono samples [N], got shape {tuple(samples.shape)}")
-        self.samples = samples.detach().to("cpu", torch.float32)
-        self.num_tokens = 2 * (samples.shape[0] // HUMO_FRAME_SAMPLES)      # T50
-        self.num_frames = humo_num_frames(samples.shape[0])                  # T25
+        if isinstance(speech, Tensor) and speech.ndim != 1:
+            raise AudioError(f"HuMo's audio features need mono samples [N], got shape {tuple(speech.shape)}")
+        speech = as_speech(speech.detach().to("cpu", torch.float32) if isinstance(speech, Tensor) else speech)
+        samples = speech.num_samples
+        self.num_tokens = 2 * (samples // HUMO_FRAME_SAMPLES)      # T50
+        self.num_frames = humo_num_frames(samples)                  # T25
         if self.num_frames == 0:
             raise AudioError(f"HuMo's audio features need at least {HUMO_FRAME_SAMPLES} samples (one 25 fps frame "
-                             f"at 16 kHz), got {samples.shape[0]}")
+                             f"at 16 kHz), got {samples}")
         self.encoder = encoder
         self.layer_groups = humo_layer_groups(encoder.config.n_layers)
-        self.chunks: list[Chunk] = plan_chunks(self.num_tokens, context)
-        self._starts = [c.keep_from for c in self.chunks]
-        self._cache: OrderedDict[int, Tensor] = OrderedDict()
-        self._cache_chunks = max(1, int(cache_chunks))
-        self._encoded: set[int] = set()
-        self._progress = progress
+        param = next(encoder.parameters())
+
+        def groups(mel: Tensor) -> Tensor:
+            return encoder(mel.to(param.device, param.dtype), layer_groups=self.layer_groups)[1]
+
+        self._encoding = ChunkedEncoding(speech, groups, encoder.config.n_mels, context, cache_chunks, progress,
+                                         num_tokens=self.num_tokens)
 
     @property
     def feature_shape(self) -> tuple[int, int]:
         return len(self.layer_groups), self.encoder.config.d_model
 
-    @torch.no_grad()
-    def _chunk(self, i: int) -> Tensor:
-        """Group means of chunk i's kept tokens ``[keep_to - keep_from, 5, D]`` (float32, CPU), cached."""
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
-        chunk, param = self.chunks[i], next(self.encoder.parameters())
-        mel = chunk_log_mel(self.samples, chunk, self.encoder.config.n_mels)   # on the CPU, as HuMo's extractor
-        _, groups = self.encoder(mel[None].to(param.device, param.dtype), layer_groups=self.layer_groups)
-        kept = groups[0, chunk.keep_from - chunk.start: chunk.keep_to - chunk.start].to("cpu", copy=True)
-        self._cache[i] = kept
-        while len(self._cache) > self._cache_chunks:
-            self._cache.popitem(last=False)
-        if i not in self._encoded:
-            self._encoded.add(i)
-            if self._progress is not None:
-                self._progress(len(self._encoded), len(self.chunks))
-        return kept
-
     def tokens(self, start: int, stop: int) -> Tensor:
         """The 50-fps group means of tokens ``[start, stop)``: ``[stop - start, 5, D]`` float32 (CPU)."""
-        if not 0 <= start < stop <= self.num_tokens:
-            raise InputError(f"token range [{start}, {stop}) is not inside [0, {self.num_tokens})")
-        pieces = []
-        for i in range(bisect.bisect_right(self._starts, start) - 1, len(self.chunks)):
-            chunk = self.chunks[i]
-            if chunk.keep_from >= stop:
-                break
-            lo, hi = max(start, chunk.keep_from), min(stop, chunk.keep_to)
-            pieces.append(self._chunk(i)[lo - chunk.keep_from: hi - chunk.keep_from])
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return self._encoding.tokens(start, stop)
 
     def _interpolate(self, start: int, stop: int) -> Tensor:
         """Frames ``[start, stop)`` of the whole-track 50 -> 25 fps resample (:func:`humo_resample_indices`)."""

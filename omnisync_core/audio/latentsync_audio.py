@@ -38,7 +38,7 @@ def whisper_layer_stack(encoder: WhisperEncoder, mel: Tensor) -> Tensor:
     """``mel [B, n_mels, T]`` -> ``[B, T / 2, n_layers + 1, d_model]``: the input of block 0 (conv stem plus
     positions) followed by every block's output, as upstream's ``include_embeddings=True``."""
     x = mel.to(encoder.conv1.weight.dtype)
-    stem = F.gelu(encoder.conv2(F.gelu(encoder.conv1(x)))).transpose(1, 2)
+    stem = encoder.embed(x).transpose(1, 2)
     stem = stem + encoder.positional_embedding[: stem.shape[1]].to(stem.dtype)
     _, hidden = encoder(mel, output_hidden_states=True)
     return torch.stack([stem, *hidden], dim=2)

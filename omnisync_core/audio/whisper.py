@@ -102,6 +102,9 @@ class MultiHeadAttention(nn.Module):
         return self.out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b t (h d)"))
 
 
+MLP_BLOCK_TOKENS = 256
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)) with a 4x GELU MLP."""
 
@@ -114,7 +117,9 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_ln(x))
-        return x + self.mlp(self.mlp_ln(x))
+        # the MLP is per token: run it on blocks of tokens so that its 4x-wide activations of a whole 30 s window
+        # (1500 x 4 d_model floats, twice) are never alive at once; peak memory of an encode drops by tens of MB
+        return torch.cat([part + self.mlp(self.mlp_ln(part)) for part in x.split(MLP_BLOCK_TOKENS, dim=1)], dim=1)
 
 
 class WhisperEncoder(nn.Module):
@@ -135,6 +140,25 @@ class WhisperEncoder(nn.Module):
         self.register_buffer("positional_embedding", sinusoids(config.n_ctx, d))
         self.blocks = nn.ModuleList(ResidualAttentionBlock(d, config.n_heads) for _ in range(config.n_layers))
         self.ln_post = LayerNorm(d)
+
+    def embed(self, mel: torch.Tensor, block: int = 256) -> torch.Tensor:
+        """``gelu(conv2(gelu(conv1(mel))))`` ``[B, d_model, ceil(T / 2)]``, computed ``block`` output tokens at a time:
+        a token reads mel frames ``2j - 2 .. 2j + 2`` only, so the blocks (each given its 2-frame margins, zeros
+        outside the clip as the convolutions' padding) give the same tokens while the 30 s window's conv1 output
+        (``d_model x 3000`` floats, with its GELU and im2col copies) is never held whole."""
+        frames, tokens = mel.shape[-1], -(-mel.shape[-1] // 2)
+        out = []
+        for j0 in range(0, tokens, block):
+            j1 = min(j0 + block, tokens)
+            a, b = 2 * j0 - 1, min(2 * j1, frames)               # conv1 outputs the block needs (a may be -1)
+            lo, hi = max(a - 1, 0), min(b + 1, frames)
+            piece = F.pad(mel[..., lo:hi], (lo - (a - 1), (b + 1) - hi))
+            h = F.gelu(F.conv1d(piece, self.conv1.weight, self.conv1.bias))      # conv1 outputs a .. b - 1
+            if a < 0:
+                h[..., 0] = 0                                      # conv2's zero padding, not gelu(conv1(0))
+            h = F.pad(h, (0, 2 * j1 - b))                          # conv2's padding past the end
+            out.append(F.gelu(F.conv1d(h, self.conv2.weight, self.conv2.bias, stride=2)))
+        return torch.cat(out, dim=-1)
 
     def forward(
         self, mel: torch.Tensor, output_hidden_states: bool = False,
@@ -157,8 +181,7 @@ class WhisperEncoder(nn.Module):
         if not 0 < mel.shape[-1] <= 2 * cfg.n_ctx:
             raise InputError(f"Whisper takes 1 to {2 * cfg.n_ctx} mel frames per chunk, got {mel.shape[-1]}.")
         groups = _check_groups(layer_groups, cfg.n_layers)
-        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = self.embed(mel.to(self.conv1.weight.dtype)).transpose(1, 2)
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
         sums: list[torch.Tensor | None] = [None] * len(groups)
         _accumulate(sums, groups, 0, x)

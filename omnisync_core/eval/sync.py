@@ -98,7 +98,7 @@ def score(dit, codec, clips: Sequence[HeldOutClip], options: SamplerOptions, win
     started, frames = time.perf_counter(), 0
     for clip in clips:
         n = clip.crops.shape[0]
-        out = torch.cat([generator(clip.crops[s:s + window], clip.audio[s:s + window], clip.mouth_xy[s:s + window],
+        out = torch.cat([generator.edit(clip.crops[s:s + window], clip.audio[s:s + window], clip.mouth_xy[s:s + window],
                                    clip.face_width[s:s + window], seed=seed + s) for s in range(0, n, window)])
         frames += n
         g = synthetic.measure_openness(out, clip.mouth_xy, clip.face_width)

@@ -19,27 +19,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
-from .types import FrameFaces
+from .types import FACE_POINTS, FaceDetections, FrameFaces, point_index
 
-# Face Mesh indices in MediaPipe's order, checked against mediapipe 0.10.21: 61/291 are the two ends where the
-# upper and lower outer-lip chains of FACEMESH_LIPS meet, 13/14 the middles of the inner upper/lower lip chains,
-# 234/454 the leftmost/rightmost points of FACEMESH_FACE_OVAL, 33/133 and 263/362 the eye corners.
-MOUTH_POINTS = (13, 14, 61, 291)
-CHEEK_POINTS = (234, 454)
-RIGHT_EYE_POINTS = (33, 133)
-LEFT_EYE_POINTS = (263, 362)
+# Face Mesh indices in MediaPipe's order (see FACE_POINTS): the mouth centre, the cheeks that give the face width.
+MOUTH_POINTS = FACE_POINTS["mouth"]
+CHEEK_POINTS = (*FACE_POINTS["right_cheek"], *FACE_POINTS["left_cheek"])
 # BlazeFace keypoint order (subject's view): right eye, left eye, nose tip, mouth, right ear, left ear.
 KP_RIGHT_EYE, KP_LEFT_EYE, KP_MOUTH = 0, 1, 3
 
 SELECT_MODES = ("largest", "central")
-_TENSORS = ("boxes", "landmarks", "valid", "detected", "shot_ids", "mouth_xy", "face_width", "eyes")
+_TENSORS = ("boxes", "points", "valid", "detected", "shot_ids", "mouth_xy", "face_width", "eyes")
 
 
 @dataclass
 class FaceTrack:
     """One face followed through ``T`` frames (all coordinates in frame pixels, see ``types.py``).
 
-    boxes ``[T, 4]`` xyxy; landmarks ``[T, 468, 3]`` or None (no landmark model, or no face anywhere);
+    boxes ``[T, 4]`` xyxy; points ``[T, len(FACE_POINTS), 2]`` the named Face Mesh points (types.FACE_POINTS) or
+    None (no landmark model, or no face anywhere);
     valid ``[T]`` a face is there (seen, or interpolated/held close to a sighting): only these frames are edited;
     detected ``[T]`` the face was seen in that frame; shot_ids ``[T]`` segment index (given cuts plus cuts inferred
     from the detections); mouth_xy ``[T, 2]``; face_width ``[T]``; eyes ``[T, 2, 2]`` right then left eye
@@ -47,7 +44,7 @@ class FaceTrack:
     """
 
     boxes: Tensor
-    landmarks: Optional[Tensor]
+    points: Optional[Tensor]
     valid: Tensor
     detected: Tensor
     shot_ids: Tensor
@@ -76,13 +73,21 @@ class FaceTrack:
     def to(self, device) -> "FaceTrack":
         return self._map(lambda x: x.to(device))
 
-    def save(self, path: str, with_landmarks: bool = True) -> None:
+    def point(self, name: str) -> Optional[Tensor]:
+        """The named point ``[T, 2]`` (see types.FACE_POINTS), or None without landmarks."""
+        return None if self.points is None else self.points[:, point_index(name)]
+
+    def nbytes(self) -> int:
+        """Memory the track holds: about 200 bytes per frame."""
+        return sum(getattr(self, k).nbytes for k in _TENSORS if getattr(self, k) is not None)
+
+    def save(self, path: str, with_points: bool = True) -> None:
         """Write the track as one safetensors file (tensors + JSON metadata)."""
         from safetensors.torch import save_file
 
         tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in _TENSORS
-                   if getattr(self, k) is not None and (k != "landmarks" or with_landmarks)}
-        meta = {"format": "omnisync-face-track", "version": "1", "frame_hw": json.dumps(list(self.frame_hw)),
+                   if getattr(self, k) is not None and (k != "points" or with_points)}
+        meta = {"format": "omnisync-face-track", "version": "2", "frame_hw": json.dumps(list(self.frame_hw)),
                 "warnings": json.dumps(self.warnings)}
         save_file(tensors, path, metadata=meta)
 
@@ -93,8 +98,8 @@ class FaceTrack:
 
         with safe_open(path, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            if meta.get("format") != "omnisync-face-track":
-                raise InputError(f"{path} is not an OmniSync face track file.")
+            if meta.get("format") != "omnisync-face-track" or meta.get("version") != "2":
+                raise InputError(f"{path} is not an OmniSync face track file (of this version).")
             t = {k: f.get_tensor(k) for k in f.keys()}
         return FaceTrack(**{k: t.get(k) for k in _TENSORS}, frame_hw=tuple(json.loads(meta["frame_hw"])),
                          warnings=json.loads(meta["warnings"]))
@@ -189,13 +194,47 @@ def frame_signatures(frames: Tensor, chunk: int = 32) -> Tensor:
     return torch.cat(out)
 
 
+def pair_scores(sig: Tensor, previous: Optional[Tensor] = None) -> Tensor:
+    """Change scores ``[T - 1]`` between consecutive :func:`frame_signatures` ``[T, D]`` (``[T]`` when the
+    signature ``previous [1, D]`` of the frame before them is given)."""
+    if previous is not None:
+        sig = torch.cat([previous, sig])
+    hist, thumb = sig[:, :48], sig[:, 48:]
+    return (hist[1:] - hist[:-1]).abs().sum(1) / 6 + 2 * (thumb[1:] - thumb[:-1]).abs().mean(1)
+
+
+class ShotChanges:
+    """Shot detection over a clip fed chunk by chunk, in constant memory: it keeps the last frame's signature and one
+    score (4 bytes) per frame, not the 12 kB signature of every frame."""
+
+    def __init__(self):
+        self._last: Optional[Tensor] = None
+        self._scores: list[Tensor] = []
+
+    def add(self, frames: Tensor) -> None:
+        if frames.shape[0] == 0:
+            return
+        sig = frame_signatures(frames)
+        self._scores.append(pair_scores(sig, self._last))
+        self._last = sig[-1:].clone()
+
+    def cuts(self, threshold: float = 0.35, ratio: float = 3.0, min_shot: int = 4) -> list[int]:
+        """First frames of the new shots so far (see :func:`detect_shot_changes` for the rule)."""
+        score = torch.cat(self._scores) if self._scores else torch.zeros(0)
+        return shot_changes_from_scores(score, threshold, ratio, min_shot)
+
+
 def shot_changes_from_signatures(sig: Tensor, threshold: float = 0.35, ratio: float = 3.0,
                                  min_shot: int = 4) -> list[int]:
     """Shot starts from :func:`frame_signatures` (see :func:`detect_shot_changes` for the rule)."""
-    if sig.shape[0] < 2:
+    return shot_changes_from_scores(pair_scores(sig), threshold, ratio, min_shot)
+
+
+def shot_changes_from_scores(score: Tensor, threshold: float = 0.35, ratio: float = 3.0,
+                             min_shot: int = 4) -> list[int]:
+    """Shot starts from the change score of each frame pair (:func:`pair_scores`)."""
+    if score.shape[0] < 1:
         return []
-    hist, thumb = sig[:, :48], sig[:, 48:]
-    score = (hist[1:] - hist[:-1]).abs().sum(1) / 6 + 2 * (thumb[1:] - thumb[:-1]).abs().mean(1)
     pad = 8
     neigh = F.pad(score[None, None], (pad, pad), mode="replicate")[0, 0].unfold(0, 2 * pad + 1, 1)
     local = torch.cat([neigh[:, :pad], neigh[:, pad + 1:]], 1).median(1).values  # the pair itself excluded
@@ -215,7 +254,9 @@ def detect_shot_changes(frames: Tensor, threshold: float = 0.35, ratio: float = 
     ``ratio`` times the median score of the 16 surrounding pairs (adaptive: fast motion raises the bar); cuts
     closer than ``min_shot`` frames keep the strongest.
     """
-    return shot_changes_from_signatures(frame_signatures(frames), threshold, ratio, min_shot)
+    shots = ShotChanges()
+    shots.add(frames)
+    return shots.cuts(threshold, ratio, min_shot)
 
 
 # ----------------------------------------------------------------------------------------------------- tracking
@@ -238,14 +279,23 @@ def _keypoints_from_box(b: Tensor) -> Tensor:
     return torch.stack([x0 + rel[:, 0] * w, y0 + rel[:, 1] * h], -1)
 
 
-def _clean(ff: FrameFaces, min_score: float) -> FrameFaces:
-    keep = ff.scores.detach().float().cpu() >= min_score
-    lm = None if ff.landmarks is None else ff.landmarks.detach().float().cpu()[keep]
-    return FrameFaces(ff.boxes.detach().float().cpu()[keep], ff.scores.detach().float().cpu()[keep],
-                      ff.keypoints.detach().float().cpu()[keep], lm)
+class _Scored:
+    """The detections of each frame that score at least ``min_score``, read on demand (no list of T objects)."""
+
+    def __init__(self, detections: FaceDetections, min_score: float):
+        self.detections, self.min_score = detections, min_score
+
+    def __len__(self) -> int:
+        return len(self.detections)
+
+    def __getitem__(self, t: int) -> FrameFaces:
+        return self.detections.frame(t, self.min_score)
+
+    def __iter__(self):
+        return (self[t] for t in range(len(self)))
 
 
-def _assign(faces: list[FrameFaces], hw, starts: set[int], select, face_index, max_gap, clamp):
+def _assign(faces: _Scored, hw, starts: set[int], select, face_index, max_gap, clamp):
     """Choose one face per frame. Returns (choice [T] ints, -1 = none; segment start frames)."""
     T = len(faces)
     choice = [-1] * T
@@ -314,13 +364,14 @@ def _ranges(mask: Tensor) -> str:
     return ", ".join(out[:8]) + (" ..." if len(out) > 8 else "")
 
 
-def build_track(frames_faces: Sequence[FrameFaces], frame_hw: tuple[int, int], face_index: Optional[int] = None,
+def build_track(frames_faces: "Sequence[FrameFaces] | FaceDetections", frame_hw: tuple[int, int],
+                face_index: Optional[int] = None,
                 select: str = "largest", box=None, smoothing: int = 15, landmark_smoothing: int = 5,
                 shot_changes: Optional[Sequence[int]] = None, min_score: float = 0.5, max_gap: int = 25,
                 max_hold: int = 5) -> FaceTrack:
     """Follow one face through a clip and return its smoothed :class:`FaceTrack`. Never raises for missing faces.
 
-    frames_faces: detections per frame. face_index: pick the i-th face counted left to right (at the start of each
+    frames_faces: detections per frame (FaceDetections, or a sequence of FrameFaces). face_index: pick the i-th face counted left to right (at the start of each
     shot) instead of ``select`` ("largest" area or most "central"). box: (x0, y0, x1, y1) used when no face is
     found anywhere (else a centred square of 0.5 * min(H, W)). smoothing / landmark_smoothing: Savitzky-Golay
     window in frames for boxes / keypoints and landmarks (<= 3 disables). shot_changes: first frames of new shots
@@ -328,7 +379,8 @@ def build_track(frames_faces: Sequence[FrameFaces], frame_hw: tuple[int, int], f
     across. Gaps of up to ``max_gap`` frames inside a segment are interpolated and stay valid; frames within
     ``max_hold`` of the first/last sighting of a segment hold it and stay valid.
     """
-    T = len(frames_faces)
+    detections = FaceDetections.of(frames_faces)
+    T = len(detections)
     H, W = int(frame_hw[0]), int(frame_hw[1])
     if T == 0:
         raise InputError("build_track needs detections for at least one frame.")
@@ -338,7 +390,7 @@ def build_track(frames_faces: Sequence[FrameFaces], frame_hw: tuple[int, int], f
         raise InputError("face_index counts faces from 0, left to right; it cannot be negative.")
     hw = (H, W)
     fallback = _fallback_box(hw, box)
-    faces = [_clean(ff, min_score) for ff in frames_faces]
+    faces = _Scored(detections, min_score)
     starts = {int(s) for s in (shot_changes or []) if 0 < int(s) < T}
     choice, seg_starts = _assign(faces, hw, starts, select, face_index, max_gap, clamp=False)
     warns: list[str] = []
@@ -348,8 +400,9 @@ def build_track(frames_faces: Sequence[FrameFaces], frame_hw: tuple[int, int], f
         choice, seg_starts = _assign(faces, hw, starts, select, face_index, max_gap, clamp=True)
 
     chosen = [t for t in range(T) if choice[t] >= 0]
-    has_lm = bool(chosen) and all(faces[t].landmarks is not None for t in chosen)
-    D = 16 + (468 * 3 if has_lm else 0)
+    has_lm = bool(chosen) and all(faces[t].points is not None for t in chosen)
+    K = len(FACE_POINTS)
+    D = 16 + (2 * K if has_lm else 0)
     feat = torch.zeros(T, D)
     feat[:, :4] = fallback
     feat[:, 4:16] = _keypoints_from_box(fallback).flatten()
@@ -357,7 +410,7 @@ def build_track(frames_faces: Sequence[FrameFaces], frame_hw: tuple[int, int], f
         f, j = faces[t], choice[t]
         feat[t, :4], feat[t, 4:16] = f.boxes[j], f.keypoints[j].flatten()
         if has_lm:
-            feat[t, 16:] = f.landmarks[j].flatten()
+            feat[t, 16:] = f.points[j].flatten()
     detected = torch.tensor([c >= 0 for c in choice], dtype=torch.bool)
     valid = torch.zeros(T, dtype=torch.bool)
     lm_ok = torch.zeros(T, dtype=torch.bool)  # frames whose landmark rows hold real (seen/interpolated/held) values
@@ -380,15 +433,14 @@ def build_track(frames_faces: Sequence[FrameFaces], frame_hw: tuple[int, int], f
     for w in warns:
         _warnings.warn(w, stacklevel=2)
 
-    boxes, kps = feat[:, :4], feat[:, 4:16].view(T, 6, 2)
-    landmarks = feat[:, 16:].view(T, 468, 3) if has_lm else None
+    boxes, kps = feat[:, :4].clone(), feat[:, 4:16].view(T, 6, 2)
+    points = feat[:, 16:].reshape(T, K, 2).clone() if has_lm else None
     mouth = kps[:, KP_MOUTH].clone()
     width = boxes[:, 2] - boxes[:, 0]
     eyes = kps[:, [KP_RIGHT_EYE, KP_LEFT_EYE]].clone()
     if has_lm:
-        lm = landmarks[lm_ok, :, :2]
-        mouth[lm_ok] = lm[:, list(MOUTH_POINTS)].mean(1)
-        width[lm_ok] = (lm[:, CHEEK_POINTS[1]] - lm[:, CHEEK_POINTS[0]]).norm(dim=-1)
-        eyes[lm_ok] = torch.stack([lm[:, list(RIGHT_EYE_POINTS)].mean(1), lm[:, list(LEFT_EYE_POINTS)].mean(1)], 1)
-    return FaceTrack(boxes.contiguous(), landmarks, valid, detected, shot_ids, mouth, width.contiguous(), eyes, hw,
-                     warns)
+        pt = points[lm_ok]
+        mouth[lm_ok] = pt[:, point_index("mouth")]
+        width[lm_ok] = (pt[:, point_index("left_cheek")] - pt[:, point_index("right_cheek")]).norm(dim=-1)
+        eyes[lm_ok] = torch.stack([pt[:, point_index("right_eye")], pt[:, point_index("left_eye")]], 1)
+    return FaceTrack(boxes, points, valid, detected, shot_ids, mouth, width, eyes, hw, warns)
