@@ -1,17 +1,20 @@
-"""Peak memory of `omnisync lipsync` against clip length: constant memory means the ratio stays near 1.
+"""Peak memory of a lip sync against clip length: constant memory means the same peak for 10 s and for 10 min.
 
-    .venv/bin/python benchmarks/memory.py [--seconds 10 60] [--size 128x96] [--model PATH] [--device cpu]
+    .venv/bin/python benchmarks/memory.py [--seconds 10 240 600] [--steps 8] [--model PATH] [--node]
 
-Each length runs in its own process (a fresh `omnisync lipsync`), whose summary line reports its peak RSS (and peak
-VRAM on CUDA); the script prints them and the ratio of the longest to the shortest. Without --model it uses a tiny
-random-weight model bundle (the numbers are then about the pipeline, not the network). The clip is a synthetic
-moving picture and the audio an amplitude-modulated tone of the same length.
+It makes a talking-head clip of each length (the bundled example face, ``examples/face.mp4``, looped at 15 fps, and
+the example speech looped to the same length), lip-syncs it with the bundled demo model and the real face analyzer
+in a fresh process each (``omnisync lipsync``, whose summary reports its peak RSS), and prints the peaks, the
+ratio of each to the shortest and the growth per second of video. ``--node`` does the same through the streaming
+OmniSync Lip Sync (Video) node in-process in a real ComfyUI (``COMFYUI_PATH`` and its venv's python, see
+scripts/comfyui_test.sh); there the AUDIO input itself is held by the host (4 bytes per sample), which is
+reported and subtracted.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import re
 import subprocess
 import sys
@@ -27,21 +30,50 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omnisync_core.io import VideoWriter  # noqa: E402
+from omnisync_core.io import VideoReader, VideoWriter  # noqa: E402
+
+FPS = 15
+EXAMPLE_VIDEO = ROOT / "examples" / "face.mp4"
+EXAMPLE_SPEECH = ROOT / "examples" / "speech.wav"
 
 
-def write_clip(path: Path, seconds: float, width: int, height: int, fps: int = 25) -> Path:
-    """A smooth moving picture, written chunk by chunk so that making it takes no memory either."""
+def write_clip(path: Path, seconds: float, width: int = 0, height: int = 0, fps: int = FPS) -> Path:
+    """The example face looped to ``seconds`` at ``fps`` (written chunk by chunk: making it takes no memory).
+    ``width``/``height`` > 0 draw a smooth moving picture of that size instead (no face)."""
     frames = int(round(seconds * fps))
+    with VideoWriter(path, Fraction(fps), crf=23, preset="veryfast") as writer:
+        if width and height:
+            for start in range(0, frames, 50):
+                writer.write(_pattern(start, min(start + 50, frames), width, height))
+            return path
+        with VideoReader(EXAMPLE_VIDEO, fps=Fraction(fps)) as reader:
+            loop = reader.read_all()
+        for start in range(0, frames, 60):
+            writer.write(loop[torch.arange(start, min(start + 60, frames)) % loop.shape[0]])
+    return path
+
+
+def _pattern(a: int, b: int, width: int, height: int) -> torch.Tensor:
     y = torch.linspace(0, 1, height).view(1, -1, 1)
     x = torch.linspace(0, 1, width).view(1, 1, -1)
-    with VideoWriter(path, Fraction(fps), crf=23, preset="veryfast") as writer:
-        for start in range(0, frames, 50):
-            t = torch.arange(start, min(start + 50, frames), dtype=torch.float32).view(-1, 1, 1)
-            r = 0.5 + 0.4 * torch.sin(2 * math.pi * (x + 0.02 * t))
-            g = 0.5 + 0.4 * torch.cos(2 * math.pi * (y - 0.015 * t))
-            b = (0.5 + 0.3 * torch.sin(0.1 * t)).expand_as(r * g)
-            writer.write(torch.stack([r.expand_as(b), g.expand_as(b), b], -1))
+    t = torch.arange(a, b, dtype=torch.float32).view(-1, 1, 1)
+    r = 0.5 + 0.4 * torch.sin(2 * torch.pi * (x + 0.02 * t))
+    g = 0.5 + 0.4 * torch.cos(2 * torch.pi * (y - 0.015 * t))
+    blue = (0.5 + 0.3 * torch.sin(0.1 * t)).expand_as(r * g)
+    return torch.stack([r.expand_as(blue), g.expand_as(blue), blue], -1)
+
+
+def write_speech(path: Path, seconds: float) -> Path:
+    """The example speech looped to ``seconds`` (int16 WAV at its own rate)."""
+    with wave.open(str(EXAMPLE_SPEECH), "rb") as handle:
+        rate = handle.getframerate()
+        data = np.frombuffer(handle.readframes(handle.getnframes()), dtype=np.int16)
+    need = int(seconds * rate)
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes(np.resize(data, need).tobytes())
     return path
 
 
@@ -56,58 +88,90 @@ def write_tone(path: Path, seconds: float, rate: int = 16000) -> Path:
     return path
 
 
-def tiny_model(path: Path) -> Path:
-    from omnisync_core.audio.whisper import WhisperEncoder, WhisperEncoderConfig
-    from omnisync_core.model.bundle import save_bundle
-    from omnisync_core.model.dit import OmniSyncDiT, get_config
-    from omnisync_core.model.vae import WanVAE, WanVAEConfig
-
-    torch.manual_seed(0)
-    dit = OmniSyncDiT(get_config("tiny", audio_dim=64))
-    dit.set_text_context(torch.randn(1, dit.config.text_len, dit.config.text_dim))
-    defaults = {"crop_size": 64, "window": 9, "overlap": 2, "steps": 4, "audio_before": 1, "audio_after": 1}
-    return save_bundle(path, dit, WanVAE(WanVAEConfig.preset("tiny")),
-                       WhisperEncoder(WhisperEncoderConfig(d_model=64, n_heads=2, n_layers=1)), defaults)
-
-
-def run_once(folder: Path, seconds: float, width: int, height: int, model: Path, device: str) -> dict:
-    clip = write_clip(folder / f"clip{seconds}.mp4", seconds, width, height)
-    audio = write_tone(folder / f"tone{seconds}.wav", seconds)
+def run_cli(folder: Path, seconds: float, steps: int, model: str | None, threads: int) -> dict:
+    clip, speech = write_clip(folder / f"clip{seconds}.mp4", seconds), write_speech(folder / f"speech{seconds}.wav",
+                                                                                    seconds)
     out = folder / f"out{seconds}.mp4"
+    command = [sys.executable, "-m", "omnisync_core.cli", "lipsync", "--video", str(clip), "--audio", str(speech),
+               "--out", str(out), "--steps", str(steps), "--threads", str(threads)]
+    command += ["--model", model] if model else []
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "omnisync_core.cli", "lipsync", "--video", str(clip), "--audio",
-                             str(audio), "--out", str(out), "--model", str(model), "--detector", "none",
-                             "--device", device], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
-        raise RuntimeError(f"lipsync failed for {seconds} s: {result.stderr.strip()}")
-    found = re.search(r"peak RAM (\d+) MiB(?:, peak VRAM (\d+) MiB)?", result.stdout)
-    return {"seconds": seconds, "rss_mib": int(found.group(1)),
-            "vram_mib": int(found.group(2)) if found.group(2) else None, "wall_s": time.perf_counter() - started}
+        raise RuntimeError(f"lipsync failed for {seconds} s: {result.stderr.strip()[-400:]}")
+    found = re.search(r"peak RAM (\d+) MiB", result.stdout)
+    return {"seconds": seconds, "rss_mib": int(found.group(1)), "wall_s": time.perf_counter() - started}
 
 
-def measure(seconds: list[float], width: int = 128, height: int = 96, model: Path | None = None,
-            device: str = "cpu") -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        model = model or tiny_model(folder / "tiny.safetensors")
-        return [run_once(folder, s, width, height, model, device) for s in seconds]
+NODE_CHILD = r"""
+import json, os, resource, sys
+sys.path.insert(0, os.path.join(os.environ["OMNISYNC_ROOT"], "tests"))
+from comfy_helpers import InProcessComfy, temp_root
+cf = InProcessComfy(temp_root("omnisync-memory-"))
+from comfy_api.latest import InputImpl
+import av, numpy as np, torch
+clip, speech, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with av.open(speech) as container:
+    rate = container.streams.audio[0].rate
+    pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+wave = torch.from_numpy(pcm.astype(np.float32) / 32768.0).view(1, 1, -1)
+model = cf.run("OmniSyncModelLoader", model="omnisync_demo (bundled)", vae="from bundle",
+               audio_encoder="from bundle", precision="auto", download="")[0]
+cf.run("OmniSyncLipSyncVideo", model=model, video=InputImpl.VideoFromFile(clip),
+       audio={"waveform": wave, "sample_rate": rate}, filename_prefix="memory/run", seed=0, steps=steps,
+       guidance="ds-cfg", tau=0.0, length_policy="pingpong", detector="auto", face_index=-1, box="", crop_size=0,
+       crop_margin=0.3, window=0, overlap=-1, color_match=False)
+print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "audio_mib": wave.numel() * 4 / 2**20}))
+"""
+
+
+def run_node(folder: Path, seconds: float, steps: int, python: str) -> dict:
+    clip, speech = write_clip(folder / f"clip{seconds}.mp4", seconds), write_speech(folder / f"speech{seconds}.wav",
+                                                                                    seconds)
+    env = dict(os.environ, OMNISYNC_ROOT=str(ROOT))
+    started = time.perf_counter()
+    result = subprocess.run([python, "-c", NODE_CHILD, str(clip), str(speech), str(steps)], capture_output=True,
+                            text=True, cwd=folder, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"node run failed for {seconds} s: {result.stderr.strip()[-800:]}")
+    import json
+
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"seconds": seconds, "rss_mib": row["rss_mib"] - row["audio_mib"], "host_audio_mib": row["audio_mib"],
+            "wall_s": time.perf_counter() - started}
+
+
+def report(rows: list[dict], title: str) -> None:
+    first = rows[0]
+    print(title)
+    print(f"{'clip s':>7} {'peak RSS MiB':>13} {'ratio':>7} {'MiB per video s':>16} {'wall s':>8}")
+    for row in rows:
+        slope = (row["rss_mib"] - first["rss_mib"]) / (row["seconds"] - first["seconds"]) if row is not first else 0
+        print(f"{row['seconds']:7.0f} {row['rss_mib']:13.1f} {row['rss_mib'] / first['rss_mib']:7.3f} "
+              f"{slope:16.4f} {row['wall_s']:8.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", nargs="+", type=float, default=[10, 60])
-    parser.add_argument("--size", default="128x96", help="frame size WxH")
-    parser.add_argument("--model", type=Path)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seconds", nargs="+", type=float, default=[10, 240, 600])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", help="a model bundle (default: the bundled demo model)")
+    parser.add_argument("--node", action="store_true", help="also run the streaming node in a real ComfyUI")
+    parser.add_argument("--comfy-python", default=os.environ.get("COMFY_PYTHON", "/work/comfy-venv/bin/python"))
     args = parser.parse_args()
-    width, height = (int(v) for v in args.size.split("x"))
-    rows = measure(sorted(args.seconds), width, height, args.model, args.device)
-    print(f"{'clip s':>7} {'peak RSS MiB':>13} {'peak VRAM MiB':>14} {'wall s':>8}")
-    for row in rows:
-        vram = "-" if row["vram_mib"] is None else str(row["vram_mib"])
-        print(f"{row['seconds']:7.0f} {row['rss_mib']:13d} {vram:>14} {row['wall_s']:8.1f}")
-    print(f"peak RSS ratio {rows[-1]['seconds']:.0f} s / {rows[0]['seconds']:.0f} s: "
-          f"{rows[-1]['rss_mib'] / rows[0]['rss_mib']:.3f}")
+    lengths = sorted(args.seconds)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        report([run_cli(folder, s, args.steps, args.model, args.threads) for s in lengths],
+               f"omnisync lipsync, demo model, real face analyzer, --steps {args.steps}")
+        if args.node:
+            if not os.environ.get("COMFYUI_PATH"):
+                sys.exit("--node needs COMFYUI_PATH (a ComfyUI checkout) and its venv's python (--comfy-python)")
+            rows = [run_node(folder, s, args.steps, args.comfy_python) for s in lengths]
+            report(rows, "OmniSync Lip Sync (Video) node in-process (host's AUDIO input subtracted: "
+                         + ", ".join(f"{r['host_audio_mib']:.1f}" for r in rows) + " MiB)")
 
 
 if __name__ == "__main__":
