@@ -1,0 +1,335 @@
+"""The HuMo family (Phantom-video/HuMo, HuMo-1.7B; research/humo.md): a Wan2.1 T2V DiT with Whisper-large-v3 audio
+cross-attention and a reference latent appended in time, driven the OmniSync way (DESIGN.md §9).
+
+Per window: the face crops are mapped to HuMo's 25 fps (:func:`~.v2v.time_map`), VAE-encoded, noised to tau
+(progressive init); sampling runs HuMo-1.7B's four-pass TIA guidance
+
+    v = neg + s_t (pos_t - neg) + W_a (pos_ta - pos_t) + s_i (pos_tia - pos_ta)
+
+(neg: negative text, zero reference, zero audio; pos_t: prompt, zero reference, zero audio; pos_ta: prompt, zero
+reference, audio; pos_tia: prompt, clean reference, audio), where ``W_a`` is DS-CFG's spatio-temporal weight
+peaking at the audio scale ("ds-cfg"), the audio scale itself ("cfg") or 1 ("none": audio-conditioned, not guided).
+The coefficients sum to 1, so a per-pixel ``W_a`` is safe. After every step the noised source is put back outside
+the dilated lower face (:class:`~.v2v.SourceReinjection`): HuMo is a generator, not an editor. The decoded frames
+are mapped back to the window's own frames, so the output keeps the input's fps and frame count.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import InputError, OmniSyncError
+from .base import Companion, Family, GenerationOptions, MemoryPlan, ModelFiles, Recognition
+from .components import param_count
+from . import v2v
+
+HUMO_TRAINED_FPS = 25
+GUIDANCE_MODES = ("ds-cfg", "cfg", "none")
+
+
+class HumoFamily(Family):
+    name = "humo"
+    title = "HuMo"
+    licence = "Apache-2.0"
+    trained_fps = Fraction(HUMO_TRAINED_FPS)
+    trained_window = 97              # "trained on 97-frame videos at 25 FPS" (HuMo README)
+    # steps / shift: HuMo's set_timesteps(50, shift=5.0); scales: scripts/infer_tia_1_7B.sh (scale_t 7.0,
+    # scale_i 4.0, scale_a 7.5); tau: the OmniSync start, where the 50-step shift-5 schedule runs ~34 steps.
+    # crop_size 512: HuMo-1.7B trains and runs at 480p (480 x 832); a 512 square face crop is the closest square
+    # on the VAE x patch grid (16 px) with about as many pixels as the 480-px side sees of a face, and it is what
+    # research/humo.md's cost estimate assumes. 480 works too (crop_size=480).
+    defaults = {"steps": 50, "shift": 5.0, "tau": 0.92, "text_scale": 7.0, "image_scale": 4.0, "audio_scale": 7.5,
+                "mask_dilation": v2v.DEFAULT_MASK_DILATION, "overlap": 8, "crop_size": 512}
+    companions = (Companion("vae", ("wan-vae",), "wan_2.1_vae.safetensors"),
+                  # "whisper": a Whisper of no released size (its width is checked against the DiT at load)
+                  Companion("audio_encoder", ("whisper-large-v3", "whisper"), "whisper_large_v3_fp16.safetensors"),
+                  Companion("text_encoder", ("umt5",), "umt5_xxl_fp16.safetensors", required=False))
+
+    def recognise(self, tensors: Mapping, metadata: Mapping[str, str]) -> Optional[Recognition]:
+        from ..model.humo import humo_config_from_shapes, humo_label, is_humo
+
+        try:
+            if not is_humo(tensors):
+                return None
+            cfg = humo_config_from_shapes(tensors)
+        except (OmniSyncError, KeyError, ValueError, TypeError):
+            return None
+        details = f"dim {cfg.dim}, {cfg.num_layers} layers"
+        if cfg.in_dim != cfg.out_dim:
+            details += f", {cfg.in_dim} input channels (image-conditioned layout)"
+        return Recognition("humo", "model", humo_label(cfg), param_count(tensors), self.name, details)
+
+    def load(self, files: ModelFiles, plan: MemoryPlan, options: GenerationOptions, step_callback=None,
+             progress=None) -> "HumoGenerator":
+        from ..model.humo import load_humo
+        from ..model.loading import load_vae, load_whisper
+
+        if plan.fp8 or plan.swap_blocks or plan.offload == "sequential":
+            raise InputError("the HuMo family runs without fp8 weights, block swap or sequential offload "
+                             "(use offload 'model' to keep one model at a time on the device)")
+        opts = options.resolved(self.defaults_for(files))
+        if opts.guidance not in GUIDANCE_MODES:
+            raise InputError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, got {opts.guidance!r}")
+        home = torch.device("cpu") if plan.offload == "model" else plan.device
+        dit = load_humo(files.model, device=home, dtype=plan.dtype)
+        cfg = dit.config
+        if cfg.in_dim != cfg.out_dim:
+            raise InputError(f"{files.recognition.label} takes {cfg.in_dim} input channels (the image-conditioned "
+                             f"17B layout); this family runs the 16-channel HuMo-1.7B layout only")
+        positive, negative = text_conditioning(files, cfg.text_dim, cfg.text_len, plan.device)
+        vae = load_vae(files.need("vae"), device=home)
+        audio_dtype = torch.float16 if plan.device.type == "cuda" else torch.float32
+        whisper = load_whisper(files.need("audio_encoder"), device=home, dtype=audio_dtype)
+        wc = whisper.config
+        if wc.d_model != cfg.whisper_dim or wc.n_layers % 4:
+            raise InputError(f"{files.companions['audio_encoder'].name} is a Whisper encoder {wc.d_model} wide with "
+                             f"{wc.n_layers} layers; {files.recognition.label} takes Whisper-large-v3 features "
+                             f"({cfg.whisper_dim} wide; whisper_large_v3_fp16.safetensors)")
+        return HumoGenerator(dit, vae, whisper, positive, negative, opts, plan, step_callback)
+
+
+def _conditioning_tensor(value: Any, name: str) -> Tensor:
+    """A ComfyUI CONDITIONING (``[[tensor, {...}], ...]``) or a plain tensor -> ``[1, L, D]``."""
+    while isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    if not isinstance(value, Tensor) or value.ndim not in (2, 3):
+        raise InputError(f"the {name} text conditioning must be umT5 features [1, L, D]")
+    return value.reshape(1, value.shape[-2], value.shape[-1]).detach().float().cpu()
+
+
+def text_conditioning(files: ModelFiles, text_dim: int, text_len: int, device) -> tuple[Tensor, Tensor]:
+    """(positive, negative) umT5 features ``[1, L, text_dim]`` float32 on the CPU: ComfyUI's conditioning, else a
+    prompt-embeddings file, else the prompts encoded with the umT5 text encoder (loaded once, freed at once)."""
+    from ..text.prompt import HUMO_DEFAULT_PROMPT, WAN_DEFAULT_NEGATIVE_PROMPT, load_prompt_embeds
+
+    if files.conditioning is not None:
+        if len(files.conditioning) != 2:
+            raise InputError("the text conditioning must be a (positive, negative) pair")
+        pos, neg = (_conditioning_tensor(c, n) for c, n in zip(files.conditioning, ("positive", "negative")))
+        source = "the text conditioning"
+    elif files.prompt_embeds is not None:
+        embeds = load_prompt_embeds(files.prompt_embeds)
+        pos, neg = embeds.positive, embeds.negative
+        source = files.prompt_embeds.name
+    elif "text_encoder" in files.companions:
+        from ..text.prompt import encode_prompt_pair
+        from ..text.umt5 import load_umt5
+
+        path = files.companions["text_encoder"]
+        device = torch.device(device)
+        encoder, tokenizer = load_umt5(path, device=device,
+                                       dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        try:
+            embeds = encode_prompt_pair(encoder, tokenizer, files.prompt or HUMO_DEFAULT_PROMPT,
+                                        files.negative_prompt or WAN_DEFAULT_NEGATIVE_PROMPT, device,
+                                        encoder_name=path.name)
+        finally:
+            del encoder
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        pos, neg = embeds.positive, embeds.negative
+        source = path.name
+    else:
+        raise InputError(f"{files.recognition.label} needs text conditioning: a umT5 text encoder "
+                         f"(--text-encoder umt5_xxl_fp16.safetensors) or a prompt-embeddings file "
+                         f"(--prompt-embeds, made by `omnisync encode-prompt`)")
+    for t in (pos, neg):
+        if t.shape[-1] != text_dim:
+            raise InputError(f"{source} holds {t.shape[-1]}-wide text features; {files.recognition.label} takes "
+                             f"{text_dim} (umT5-xxl)")
+    return pos[:, :text_len].float().cpu(), neg[:, :text_len].float().cpu()
+
+
+# ---------------------------------------------------------------- audio conditioning
+
+class HumoWindowAudio:
+    """HuMo's audio conditioning of a whole track: :meth:`window` gives the 25-fps Whisper windows
+    ``[T_lat, 8, 5, D]`` of the model frames of some output frames (the window's frames at ``fps`` mapped to 25
+    fps, padded to 4k + 1 as the crops are)."""
+
+    def __init__(self, track, fps):
+        self.track, self.fps = track, fps
+
+    def window(self, frames: Tensor) -> Tensor:
+        n = int(frames.shape[0])
+        m = v2v.time_map(n, self.fps, HUMO_TRAINED_FPS).model_frames
+        frame0 = v2v.model_frame0(int(frames[0]), self.fps, HUMO_TRAINED_FPS)
+        return self.track.windows(frame0, v2v.padded_length(m))
+
+
+# ---------------------------------------------------------------- generator
+
+@dataclass
+class HumoLatents:
+    """One window's state: the source latent and its noise at 25 fps, the reference latent, and once sampled z."""
+
+    z_src: Tensor
+    noise: Tensor
+    reference: Tensor
+    model_frames: int
+    z: Optional[Tensor] = None
+
+
+class HumoGenerator:
+    """Edits windows of face crops with a HuMo-1.7B DiT, a Wan VAE and Whisper-large-v3 (a WindowGenerator)."""
+
+    temporal_factor = 4
+
+    def __init__(self, dit, vae, audio_encoder, positive: Tensor, negative: Tensor, options: GenerationOptions,
+                 plan: MemoryPlan, step_callback=None):
+        self.dit, self.vae, self.audio_encoder = dit.eval(), vae.eval(), audio_encoder.eval()
+        self.options, self.plan = options, plan
+        self.device, self.dtype = plan.device, plan.dtype
+        self.positive, self.negative = positive, negative
+        self.step_callback = step_callback
+        self.last_stats = None
+        self.parts = {"dit": self.dit, "vae": self.vae, "audio": self.audio_encoder}
+        self.stage_parts = {"audio": ("audio",), "encode": ("vae",), "sample": ("dit",), "decode": ("vae",)}
+
+    # ------------------------------------------------------------------ memory
+
+    def _stage(self, stage: str) -> None:
+        """With model offload, the parts of ``stage`` on the device and the others in host memory."""
+        if self.plan.offload != "model":
+            return
+        wanted = set(self.stage_parts[stage])
+        for name, module in self.parts.items():
+            if name not in wanted:
+                module.to("cpu")
+        for name in wanted:
+            self.parts[name].to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ audio
+
+    def audio_features(self, track, fps, progress=None) -> HumoWindowAudio:
+        """HuMo's Whisper features of ``track`` (an AudioTrack) at 25 fps, encoded chunk by chunk on demand."""
+        from ..audio.humo_features import HumoAudioTrack
+
+        self._stage("audio")
+        return HumoWindowAudio(HumoAudioTrack(track.speech(), self.audio_encoder, progress=progress), fps)
+
+    # ------------------------------------------------------------------ stages
+
+    @torch.no_grad()
+    def encode(self, window) -> HumoLatents:
+        from ..generator import encode_window
+
+        self._stage("encode")
+        tm = v2v.time_map(window.crops.shape[0], window.fps, HUMO_TRAINED_FPS)
+        z_src, noise = encode_window(self.vae, tm.to_model(window.crops), window.seed, self.device)
+        # Wan's VAE is causal: latent frame 0 sees video frame 0 alone, so it is the latent of the window's first
+        # source frame, HuMo's reference (one latent frame, appended after the video in time by the DiT)
+        reference = z_src[:, :, :1].clone()
+        return HumoLatents(z_src, noise, reference, tm.model_frames)
+
+    def _mask_and_mouths(self, window, tm, latent_hw, frames: int) -> tuple[Tensor, Tensor, Tensor]:
+        from ..generator import latent_mouths, pad_frames
+
+        size = window.crops.shape[1]
+        tail = frames - tm.model_frames
+        mouth = pad_frames(tm.to_model(window.mouth_xy), tail)
+        width = pad_frames(tm.to_model(window.face_width), tail)
+        points = pad_frames(tm.to_model(window.points), tail) if window.points is not None else None
+        mask = v2v.lower_face_mask(mouth, width, size, latent_hw, points, float(self.options.mask_dilation),
+                                   self.temporal_factor)
+        lm, lw = latent_mouths(mouth, width, size, latent_hw, self.temporal_factor)
+        return mask, lm, lw
+
+    def _audio_weight(self, mouth: Tensor, width: Tensor, latent_hw):
+        from ..sampling import DSCFGGuidance, DSCFGParams
+
+        opts = self.options
+        if opts.guidance == "none":
+            return lambda sigma: 1.0
+        if opts.guidance == "cfg":
+            return lambda sigma: float(opts.audio_scale)
+        params = DSCFGParams(omega_peak=float(opts.audio_scale))
+        return DSCFGGuidance(mouth.unsqueeze(0).to(self.device), width.unsqueeze(0), latent_hw, float(opts.tau),
+                             params)
+
+    @torch.no_grad()
+    def sample(self, state: HumoLatents, window, step_callback=None) -> HumoLatents:
+        from ..sampling import flow_sigmas, sample
+
+        if window.audio is None:
+            raise InputError("the HuMo generator needs its audio windows (audio_features(...).window(frames))")
+        self._stage("sample")
+        z_src, noise = state.z_src, state.noise
+        frames, latent_hw = v2v.padded_length(state.model_frames), tuple(z_src.shape[-2:])
+        audio = window.audio.to(self.device, self.dtype)
+        if audio.shape[0] != z_src.shape[2]:
+            raise InputError(f"the audio covers {audio.shape[0]} latent frames, the window {z_src.shape[2]}")
+        tm = v2v.time_map(window.crops.shape[0], window.fps, HUMO_TRAINED_FPS)
+        mask, mouth, width = self._mask_and_mouths(window, tm, latent_hw, frames)
+        weight = self._audio_weight(mouth, width, latent_hw)
+        velocity = self._velocity(audio, state.reference, weight)
+        project = v2v.SourceReinjection(z_src, noise, mask)
+        sigmas = flow_sigmas(int(self.options.steps), float(self.options.shift))
+        callback = step_callback if step_callback is not None else self.step_callback
+        z, self.last_stats = sample(velocity, z_src, noise, sigmas, float(self.options.tau), None, callback,
+                                    project=project)
+        return HumoLatents(z_src, noise, state.reference, state.model_frames, z)
+
+    def _velocity(self, audio: Tensor, reference: Tensor, weight):
+        """The guided velocity closure: HuMo-1.7B's four passes (one batched forward unless
+        ``extra["batch_passes"]`` is False), combined with the text, image and (weighted) audio scales."""
+        opts, dt, dev = self.options, self.dtype, self.device
+        s_t, s_i = float(opts.text_scale), float(opts.image_scale)
+        length = max(self.positive.shape[1], self.negative.shape[1])
+        pos = F.pad(self.positive, (0, 0, 0, length - self.positive.shape[1])).to(dev, dt)
+        neg = F.pad(self.negative, (0, 0, 0, length - self.negative.shape[1])).to(dev, dt)
+        audio = audio.unsqueeze(0)
+        null_audio = torch.zeros_like(audio)
+        ref = reference.to(dev, dt)
+        null_ref = torch.zeros_like(ref)
+        # (text, audio, reference) of neg, pos_t, pos_ta, pos_tia
+        passes = [(neg, null_audio, null_ref), (pos, null_audio, null_ref), (pos, audio, null_ref), (pos, audio, ref)]
+        batched = bool(opts.extra.get("batch_passes", True))
+        if batched:
+            texts = torch.cat([p[0] for p in passes])
+            audios = torch.cat([p[1] for p in passes])
+            refs = torch.cat([p[2] for p in passes])
+
+        def velocity(x: Tensor, sigma: Tensor, with_audio: bool = True) -> Tensor:
+            xm = x.to(dev, dt)
+            if batched:
+                out = self.dit(xm.expand(len(passes), -1, -1, -1, -1), sigma.reshape(1), texts, audios, refs).float()
+                v_neg, v_t, v_ta, v_tia = out.chunk(len(passes))
+            else:
+                v_neg, v_t, v_ta, v_tia = (self.dit(xm, sigma.reshape(1), t, a, r).float() for t, a, r in passes)
+            w = weight(float(sigma))
+            if isinstance(w, Tensor):
+                w = w.to(v_ta.device, v_ta.dtype)
+            return v_neg + s_t * (v_t - v_neg) + w * (v_ta - v_t) + s_i * (v_tia - v_ta)
+
+        return velocity
+
+    @torch.no_grad()
+    def decode(self, state: HumoLatents, window) -> Tensor:
+        from ..generator import decode_window
+
+        if state.z is None:
+            raise InputError("this window has not been sampled yet (run the sampler first)")
+        self._stage("decode")
+        crops = decode_window(self.vae, state.z.float(), state.model_frames)
+        tm = v2v.time_map(window.crops.shape[0], window.fps, HUMO_TRAINED_FPS)
+        return tm.to_window(crops).float().cpu()
+
+    @torch.no_grad()
+    def __call__(self, window) -> Tensor:
+        return self.decode(self.sample(self.encode(window), window), window)
+
+
+FAMILY = HumoFamily()
+
+__all__ = ["FAMILY", "HumoFamily", "HumoGenerator", "HumoLatents", "HumoWindowAudio", "text_conditioning"]
