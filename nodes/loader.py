@@ -6,7 +6,8 @@ from comfy_api.latest import io
 
 from ..omnisync_core.errors import InputError
 from ..omnisync_core.model.bundle import load_bundle
-from ..omnisync_core.model.loading import load_dit, load_vae, load_whisper, read_safetensors
+from ..omnisync_core.families.omnisync import DEMO_NOTICE, is_demo
+from ..omnisync_core.model.loading import load_dit, load_vae, load_whisper, read_header, read_safetensors
 from ._comfy import (FROM_BUNDLE, MODEL_FOLDER, OmniSyncModel, download_model, model_choices, part_choices,
                      resolve_model, resolve_part)
 from .sockets import CATEGORY, OmniSyncModelType
@@ -75,6 +76,8 @@ class OmniSyncModelLoader(io.ComfyNode):
             whisper = load_whisper(resolve_part("audio_encoders", audio_encoder))
             defaults = {}
         name = path.stem if path.parent.name != "weights" else "omnisync_demo"
+        if is_demo(read_header(path)[1]):
+            print(f"OmniSync: {DEMO_NOTICE}")
         return io.NodeOutput(OmniSyncModel.wrap(name, dit, codec, whisper, defaults, precision))
 
 

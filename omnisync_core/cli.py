@@ -114,11 +114,15 @@ def _peak_memory() -> str:
 
 
 def _cmd_lipsync(args: argparse.Namespace) -> int:
-    """Lip-sync a video to an audio track with an OmniSync model."""
+    """Lip-sync a video to an audio track with any supported model family."""
+    from fractions import Fraction
+
     import torch
 
-    from .generator import OmniSyncGenerator, SamplerOptions
-    from .model.bundle import DEMO_MODEL, load_bundle
+    from .families.base import GenerationOptions
+    from .families.files import resolve_files
+    from .io import probe_video
+    from .model.bundle import DEMO_MODEL
     from .model.loading import resolve_device, resolve_dtype
     from .pipeline import LipSyncOptions, LipSyncPipeline
 
@@ -126,24 +130,32 @@ def _cmd_lipsync(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise InputError(f"{flag} file not found: {path}")
     _check_output(args.out, [args.video, args.audio])
-    model_path = args.model or DEMO_MODEL
-    if not os.path.isfile(model_path):
-        raise InputError(f"model not found: {model_path}" if args.model else
-                         "no --model given and the bundled demo model is not installed")
+    if args.model is None and not DEMO_MODEL.is_file():
+        raise InputError("no --model given and the bundled demo model is not installed")
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    notes: list[str] = []
+    family, files = resolve_files(args.model, args.models_dir, _companion_args(args), DEMO_MODEL, notes)
+    files.prompt, files.negative_prompt = args.prompt, args.negative_prompt
+    files.prompt_embeds = args.prompt_embeds
+    notice = family.notice_for(files)
+    if notice:
+        print(notice)
+    for note in notes:
+        print(f"note: {note}")
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    bundle = load_bundle(model_path, device=device)
-    bundle.dit.to(dtype)
-    defaults = bundle.defaults
-    pick = lambda value, key, fallback: value if value is not None else defaults.get(key, fallback)
-    sampler = SamplerOptions(steps=pick(args.steps, "steps", 50), tau=pick(args.tau, "tau", 0.92),
-                             shift=defaults.get("shift", 5.0), guidance=args.guidance)
-    options = LipSyncOptions(window=pick(args.window, "window", 81), overlap=pick(args.overlap, "overlap", 8),
-                             crop_size=pick(args.crop_size, "crop_size", 512), seed=args.seed,
+    plan = family.memory_plan(device, resolve_dtype(args.dtype, device), offload=args.offload)
+    generation = GenerationOptions(steps=args.steps, tau=args.tau, guidance=args.guidance,
+                                   mask_dilation=args.mask_dilation)
+    generator = family.load(files, plan, generation, progress=ProgressBar())
+    defaults = family.defaults_for(files)
+    fps = Fraction(probe_video(args.video, count_frames=False).fps)
+    window = family.window_length(fps, args.window, files)
+    options = LipSyncOptions(window=window, overlap=args.overlap if args.overlap is not None else
+                             defaults.get("overlap", 8),
+                             crop_size=args.crop_size or defaults.get("crop_size", 512), seed=args.seed,
                              length_policy=args.length_policy, face_index=args.face_index, box=_parse_box(args.box),
                              color_match=args.color_match, keep_detail=not args.no_keep_detail)
     analyzer = None
@@ -151,17 +163,47 @@ def _cmd_lipsync(args: argparse.Namespace) -> int:
         from .face.analyze import FaceAnalyzer
 
         analyzer = FaceAnalyzer(device=device, detector=args.detector)
-    generator = OmniSyncGenerator(bundle.dit, bundle.vae, sampler, device=device, dtype=dtype,
-                                  audio_encoder=bundle.audio_encoder, audio_before=defaults.get("audio_before", 2),
-                                  audio_after=defaults.get("audio_after", 2))
     pipeline = LipSyncPipeline(generator, face_analyzer=analyzer, options=options)
     report = pipeline.run(args.video, args.audio, args.out, progress=ProgressBar())
     print(f"wrote {report.output}: {report.frames} frames at {float(report.fps):.3f} fps "
-          f"({report.frames / float(report.fps):.2f} s) in {report.windows} windows; "
+          f"({report.frames / float(report.fps):.2f} s) in {report.windows} windows with "
+          f"{files.recognition.label} ({plan.describe()}); "
           f"{report.seconds:.1f} s total, {report.seconds_per_output_second:.2f} s per output second; "
           f"{_peak_memory()}")
     for warning in report.warnings:
         print(f"note: {warning}")
+    return 0
+
+
+def _companion_args(args: argparse.Namespace) -> dict:
+    return {"vae": args.vae, "audio_encoder": args.audio_encoder, "text_encoder": args.text_encoder,
+            "clip_vision": args.clip_vision, "patch": args.patch}
+
+
+def _cmd_encode_prompt(args: argparse.Namespace) -> int:
+    """Encode a prompt pair with umT5 once and store it for --prompt-embeds."""
+    from .text.prompt import encode_prompt_file
+
+    if not os.path.isfile(args.text_encoder):
+        raise InputError(f"--text-encoder file not found: {args.text_encoder}")
+    _check_output(args.out, [args.text_encoder])
+    path = encode_prompt_file(args.text_encoder, args.out, args.prompt, args.negative_prompt, device=args.device,
+                              progress=ProgressBar())
+    print(f"wrote {path}: use it with omnisync lipsync --prompt-embeds {path}")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    """Fetch a family's files into a ComfyUI models folder (the only command that uses the network)."""
+    from .families.download import download, download_plan
+
+    if args.dry_run:
+        for remote, target in download_plan(args.name, args.models_dir):
+            print(f"{remote.repo}/{remote.path} ({remote.size}) -> {target}")
+        return 0
+    paths = download(args.name, args.models_dir)
+    print(f"{args.name}: {len(paths)} files in {args.models_dir}; run omnisync lipsync --models-dir "
+          f"{args.models_dir} --model {paths[0].name} ...")
     return 0
 
 
@@ -179,21 +221,10 @@ def _cmd_import_wan(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_model(args: argparse.Namespace) -> int:
-    """Load a checkpoint and report what it is, or exactly why it does not fit."""
-    from .model.bundle import load_bundle
-    from .model.loading import load_dit, read_safetensors
+    """Say what a checkpoint is (its family and size) from its header, or in one line why it fits none."""
+    from .families import recognise
 
-    _, metadata = read_safetensors(args.file)
-    kind = metadata.get("kind", "unknown (no OmniSync metadata)")
-    if kind == "bundle":
-        bundle = load_bundle(args.file)
-        parts = {"DiT": bundle.dit, "VAE": bundle.vae, "audio encoder": bundle.audio_encoder}
-        summary = ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M" for name, m in parts.items())
-        print(f"{args.file}: OmniSync model bundle ({summary}); defaults {bundle.defaults}")
-    else:
-        model = load_dit(args.file)
-        print(f"{args.file}: {kind} checkpoint, OmniSync DiT with {sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
-              f" M parameters, dim {model.config.dim}, {model.config.num_layers} layers")
+    print(f"{args.file}: {recognise(args.file).describe()}")
     return 0
 
 
@@ -244,8 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     wan.add_argument("--audio-dim", type=int, default=384, help="audio feature width (384 = Whisper tiny)")
     wan.set_defaults(handler=_cmd_import_wan)
     check = commands.add_parser("check-model", help="load a checkpoint and report what it is or why it does not fit")
-    check.add_argument("file", help="an OmniSync bundle or DiT checkpoint (.safetensors)")
+    check.add_argument("file", help="a checkpoint (.safetensors) of any supported family, or a companion file")
     check.set_defaults(handler=_cmd_check_model)
+    prompt = commands.add_parser("encode-prompt", help="encode a text prompt with umT5 once, for --prompt-embeds")
+    prompt.add_argument("--text-encoder", required=True, help="umT5-xxl (umt5_xxl_fp16 or _fp8_e4m3fn_scaled)")
+    prompt.add_argument("--out", required=True, help="where to write the prompt embeddings (.safetensors)")
+    prompt.add_argument("--prompt", help="the prompt (default: HuMo's own talking-person prompt)")
+    prompt.add_argument("--negative-prompt", help="the negative prompt (default: Wan's)")
+    prompt.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    prompt.set_defaults(handler=_cmd_encode_prompt)
+    fetch = commands.add_parser("download", help="fetch a family's files into a ComfyUI models folder (network)")
+    fetch.add_argument("name", help="what to fetch: humo-1.7b")
+    fetch.add_argument("--models-dir", required=True, help="the ComfyUI models/ folder to put the files in")
+    fetch.add_argument("--dry-run", action="store_true", help="only print each file and where it would go")
+    fetch.set_defaults(handler=_cmd_download)
     train = commands.add_parser("train", help="train an OmniSync model (torchrun for several GPUs)")
     train.add_argument("--config", required=True, help="training config (.toml or .json)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
@@ -269,10 +312,26 @@ def _add_lipsync_parser(commands) -> None:
     run.add_argument("--video", required=True, help="input video (any format FFmpeg reads)")
     run.add_argument("--audio", required=True, help="speech to follow (any audio or video file)")
     run.add_argument("--out", required=True, help="output video, e.g. out.mp4 (written only when complete)")
-    run.add_argument("--model", help="OmniSync model bundle (.safetensors); default: the bundled demo model")
+    run.add_argument("--model", help="the lip-sync checkpoint (.safetensors) of any supported family (see "
+                                     "check-model), or its name under --models-dir; default: the bundled demo model")
+    run.add_argument("--models-dir", help="a ComfyUI models/ folder: companions are found in its subfolders")
+    run.add_argument("--vae", help="the VAE the model needs (default: found under --models-dir)")
+    run.add_argument("--audio-encoder", help="the audio encoder the model needs (default: found under --models-dir)")
+    run.add_argument("--text-encoder", help="umT5-xxl, for families that take a prompt")
+    run.add_argument("--clip-vision", help="CLIP vision, for families that take one")
+    run.add_argument("--patch", help="a model patch, e.g. InfiniteTalk's adapter")
+    run.add_argument("--prompt", help="text prompt for families that take one (default: the family's)")
+    run.add_argument("--negative-prompt", help="negative prompt (default: the family's)")
+    run.add_argument("--prompt-embeds", help="prompt embeddings from omnisync encode-prompt (no text encoder needed)")
+    run.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                     help="GPU memory: none (fastest), model (each model on the GPU only for its stage), "
+                          "sequential (also the transformer block by block: 8 GB cards)")
+    run.add_argument("--mask-dilation", type=float,
+                     help="for families trained as generators: how far past the lower face the model may change "
+                          "the picture, as a fraction of the face width (default 0.15)")
     run.add_argument("--steps", type=int, help="sampling steps of the full schedule (model default, usually 50)")
     run.add_argument("--tau", type=float, help="progressive-init noise level in [0, 1] (default 0.92)")
-    run.add_argument("--window", type=int, help="frames per window, 4k+1 (model default, usually 81)")
+    run.add_argument("--window", type=int, help="frames per window, 4k+1 (default: the model's trained window)")
     run.add_argument("--overlap", type=int, help="frames shared by neighbouring windows (default 8)")
     run.add_argument("--crop-size", type=int, help="face crop side in pixels (model default)")
     run.add_argument("--guidance", default="ds-cfg", choices=["ds-cfg", "cfg", "none"],

@@ -169,13 +169,16 @@ def _is_identity_weight(weight: Union[Tensor, float]) -> bool:
 
 @torch.no_grad()
 def sample(velocity: VelocityFn, z_src: Tensor, noise: Tensor, sigmas: Tensor, tau: float = 0.92,
-           guidance: Optional[GuidanceFn] = None, callback: Optional[StepCallback] = None) -> tuple[Tensor, SampleStats]:
+           guidance: Optional[GuidanceFn] = None, callback: Optional[StepCallback] = None,
+           project: Optional[Callable[[Tensor, float], Tensor]] = None) -> tuple[Tensor, SampleStats]:
     """Euler flow-matching sampler with progressive noise init and (DS-)CFG on the audio condition.
 
     Starts at ``progressive_init(z_src, tau, noise)`` and runs ``truncate_sigmas(sigmas, tau)``.
     At each step ``v = v_uncond + W * (v_cond - v_uncond)`` with ``W = guidance(sigma)``; where W is 1
     everywhere (DS-CFG with floor 1, late in the schedule) the unconditional pass is skipped.
     ``callback(step, total, x)`` runs after each step; raising from it stops sampling (interruption).
+    ``project(x, sigma_next)``, when given, replaces x after each step (e.g. the noised source put back outside the
+    editable mask, :func:`omnisync_core.families.v2v.SourceReinjection`); the callback sees the projected x.
     """
     run_sigmas = truncate_sigmas(sigmas.to(torch.float32).cpu(), float(tau))
     x = progressive_init(z_src, float(tau), noise)
@@ -197,6 +200,8 @@ def sample(velocity: VelocityFn, z_src: Tensor, noise: Tensor, sigmas: Tensor, t
                 weight = weight.to(device=v.device, dtype=v.dtype)
             v = v_uncond + weight * (v - v_uncond)
         x = x + (sigma_next - sigma) * v
+        if project is not None:
+            x = project(x, sigma_next)
         stats.steps += 1
         if callback is not None:
             callback(index + 1, total, x)

@@ -1,0 +1,144 @@
+"""Video-to-video for models trained as generators (HuMo, InfiniteTalk), shared by their families:
+
+* :func:`time_map`: a window at the source's rate <-> the frames the model sees at its trained rate (nearest
+  frame in time both ways), so the output keeps the input's exact fps and frame count;
+* :func:`lower_face_mask`: the editable region of each latent frame, the lower face (nose tip to chin, jaw to jaw)
+  from our Face Mesh points, dilated by a fraction of the face width;
+* :class:`SourceReinjection`: after every sampling step, the source noised to the step's sigma is put back outside
+  that mask, so nothing outside the mouth region can drift (``sampling.sample(..., project=...)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..face.types import point_index
+from ..timeline import valid_window_length
+
+DEFAULT_MASK_DILATION = 0.15
+MASK_DILATION_TOOLTIP = ("How far past the lower face (nose tip to chin, jaw to jaw) the model may change the "
+                         "picture, as a fraction of the face width. Outside it the source is put back at every "
+                         "step, so the background, eyes and hair cannot drift. Larger: more room for a wide-open "
+                         "mouth and the jaw; smaller: more of the frame kept exactly.")
+
+
+def _nearest(x: Fraction) -> int:
+    return int((x + Fraction(1, 2)) // 1)
+
+
+@dataclass(frozen=True)
+class TimeMap:
+    """``source [m]``: for each model frame, the window frame nearest in time; ``back [n]``: for each window
+    frame, the model frame nearest in time. Identity when the rates are equal."""
+
+    source: Tensor
+    back: Tensor
+
+    @property
+    def model_frames(self) -> int:
+        return int(self.source.shape[0])
+
+    def to_model(self, t: Tensor) -> Tensor:
+        """Per-window-frame values ``[n, ...]`` -> per-model-frame ``[m, ...]``."""
+        return t[self.source.to(t.device)]
+
+    def to_window(self, t: Tensor) -> Tensor:
+        """Per-model-frame values ``[m, ...]`` -> per-window-frame ``[n, ...]``."""
+        return t[self.back.to(t.device)]
+
+
+def time_map(num_frames: int, fps, trained_fps) -> TimeMap:
+    """The map between a window of ``num_frames`` at ``fps`` and the model's frames at ``trained_fps`` over the
+    same span (the first frames coincide; ``floor((n - 1) * trained / fps) + 1`` model frames)."""
+    n = int(num_frames)
+    if trained_fps is None or fps is None or Fraction(fps) == Fraction(trained_fps):
+        same = torch.arange(n)
+        return TimeMap(same, same)
+    ratio = Fraction(trained_fps) / Fraction(fps)
+    m = int((n - 1) * ratio) + 1
+    source = torch.tensor([min(_nearest(j / ratio), n - 1) for j in range(m)], dtype=torch.long)
+    back = torch.tensor([min(_nearest(i * ratio), m - 1) for i in range(n)], dtype=torch.long)
+    return TimeMap(source, back)
+
+
+def model_frame0(first_frame: int, fps, trained_fps) -> int:
+    """The model-rate frame at the time of output frame ``first_frame`` (where a window's audio starts)."""
+    if trained_fps is None or fps is None:
+        return int(first_frame)
+    return _nearest(Fraction(int(first_frame)) * Fraction(trained_fps) / Fraction(fps))
+
+
+def latent_groups(num_frames: int, temporal: int = 4) -> Tensor:
+    """The latent frame of each video frame under Wan's causal VAE: frame 0 alone, then groups of ``temporal``."""
+    return torch.cat([torch.zeros(1, dtype=torch.long),
+                      (torch.arange(1, num_frames) + temporal - 1) // temporal])[:num_frames]
+
+
+def _ellipses(points: Optional[Tensor], mouth_xy: Tensor, face_width: Tensor, dilation: float
+              ) -> tuple[Tensor, Tensor]:
+    """Per frame the lower-face ellipse's centre ``[n, 2]`` and semi-axes ``[n, 2]`` in crop pixels."""
+    pad = dilation * face_width.float()
+    if points is not None:
+        def p(name):
+            return points[:, point_index(name)].float()
+
+        x0 = torch.minimum(p("right_jaw")[:, 0], p("left_jaw")[:, 0])
+        x1 = torch.maximum(p("right_jaw")[:, 0], p("left_jaw")[:, 0])
+        y0, y1 = p("nose_tip")[:, 1], p("chin")[:, 1]
+        lo = torch.stack([x0 - pad, y0 - pad], 1)
+        hi = torch.stack([x1 + pad, y1 + pad], 1)
+        if bool(torch.isfinite(lo).all() and torch.isfinite(hi).all() and (hi > lo).all()):
+            return (lo + hi) / 2, (hi - lo) / 2
+    half = torch.stack([0.35 * face_width.float(), 0.3 * face_width.float()], 1)
+    centre = mouth_xy.float() + torch.stack([torch.zeros_like(pad), 0.05 * face_width.float()], 1)
+    return centre, half + pad.unsqueeze(1)
+
+
+def lower_face_mask(mouth_xy: Tensor, face_width: Tensor, crop_size: int, latent_hw: tuple[int, int],
+                    points: Optional[Tensor] = None, dilation: float = DEFAULT_MASK_DILATION, temporal: int = 4
+                    ) -> Tensor:
+    """The editable region ``[F, h, w]`` (1 inside, 0 outside) of each latent frame of a window of ``n`` video
+    frames: the union over its video frames of the lower-face ellipse, rasterised at the latent cells' centres.
+    ``mouth_xy [n, 2]``, ``face_width [n]`` and ``points [n, K, 2]`` (:data:`~omnisync_core.face.types.FACE_POINTS`,
+    or None: an ellipse around the mouth instead) are in crop pixels of a ``crop_size`` square."""
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    centre, half = _ellipses(points, mouth_xy, face_width, float(dilation))
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) * (crop_size / h)
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) * (crop_size / w)
+    dx = (xs.view(1, 1, w) - centre[:, 0].view(-1, 1, 1)) / half[:, 0].clamp_min(1e-3).view(-1, 1, 1)
+    dy = (ys.view(1, h, 1) - centre[:, 1].view(-1, 1, 1)) / half[:, 1].clamp_min(1e-3).view(-1, 1, 1)
+    inside = (dx * dx + dy * dy) <= 1.0
+    groups = latent_groups(inside.shape[0], temporal)
+    frames = int(groups[-1]) + 1
+    return torch.stack([inside[groups == f].any(0) for f in range(frames)]).float()
+
+
+class SourceReinjection:
+    """``project(x, sigma)`` for :func:`omnisync_core.sampling.sample`: inside ``mask`` the sampled latent,
+    outside it the source at that noise level, ``(1 - sigma) * z_src + sigma * noise`` (the same noise the
+    progressive init used, so outside the mask the latent equals the noised source at every step).
+    ``z_src`` / ``noise`` ``[B, C, F, h, w]``; ``mask [F, h, w]`` (1 = editable)."""
+
+    def __init__(self, z_src: Tensor, noise: Tensor, mask: Tensor):
+        self.z_src, self.noise = z_src, noise
+        self.keep = (mask > 0.5).to(z_src.device).view(1, 1, *mask.shape)
+
+    def noised_source(self, sigma: float) -> Tensor:
+        return (1.0 - sigma) * self.z_src + sigma * self.noise
+
+    def __call__(self, x: Tensor, sigma: float) -> Tensor:
+        return torch.where(self.keep, x, self.noised_source(float(sigma)).to(x.dtype))
+
+
+def padded_length(frames: int) -> int:
+    """Frames after padding to the 4k + 1 Wan's VAE takes."""
+    return valid_window_length(int(frames))
+
+
+__all__ = ["DEFAULT_MASK_DILATION", "MASK_DILATION_TOOLTIP", "SourceReinjection", "TimeMap", "latent_groups",
+           "lower_face_mask", "model_frame0", "padded_length", "time_map"]
