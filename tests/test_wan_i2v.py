@@ -107,8 +107,9 @@ def test_audio_tokens_and_scale(fx, model):
         plain = base(x, s, text, clip, y)
         assert torch.equal(model(x, s, text, clip, y, audio, audio_scale=0.0), plain)
         two = model(x.expand(2, -1, -1, -1, -1), s, text, clip, y, audio, audio_scale=torch.tensor([1.0, 0.0]))
-    # a batch of 2 may take other (bit-different) matmul paths than a batch of 1: fp32 round-off only
-    torch.testing.assert_close(two, torch.cat([v, plain]), atol=1e-6, rtol=0)
+    # a batch of 2 may take other (bit-different) matmul paths than a batch of 1, and which depends on the thread
+    # count: fp32 round-off only (seen: 1.1e-6 on outputs of about 1 with one thread)
+    torch.testing.assert_close(two, torch.cat([v, plain]), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_are_one_clear_error(fx, model):
