@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
@@ -139,7 +140,10 @@ def _cmd_lipsync(args: argparse.Namespace) -> int:
     notes: list[str] = []
     family, files = resolve_files(args.model, args.models_dir, _companion_args(args), DEMO_MODEL, notes)
     files.prompt, files.negative_prompt = args.prompt, args.negative_prompt
-    files.prompt_embeds = args.prompt_embeds
+    if args.prompt_embeds is not None:
+        if not os.path.isfile(args.prompt_embeds):
+            raise InputError(f"--prompt-embeds file not found: {args.prompt_embeds}")
+        files.prompt_embeds = Path(args.prompt_embeds)
     notice = family.notice_for(files)
     if notice:
         print(notice)

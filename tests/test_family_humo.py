@@ -328,3 +328,29 @@ def test_whole_job_through_the_pipeline(humo_files, tmp_path):
     assert inside.any() and not inside.all()
     assert torch.equal(result.frames[~inside], source[~inside])
     assert not torch.equal(result.frames[inside], source[inside])
+
+
+@pytest.mark.filterwarnings("ignore:No face was found")
+def test_cli_runs_humo_from_a_models_folder_at_29_97_fps(humo_files, tmp_path, capsys):
+    """`omnisync lipsync --models-dir` finds HuMo's companions by content in ComfyUI's subfolders; a 29.97 fps clip
+    comes back with its own frame count and rate (the model runs at 25 fps inside)."""
+    import shutil
+
+    from omnisync_core.cli import main
+
+    models = tmp_path / "models"
+    for role, folder in (("model", "diffusion_models"), ("vae", "vae"), ("audio_encoder", "audio_encoders")):
+        (models / folder).mkdir(parents=True)
+        shutil.copy(humo_files[role], models / folder / Path(humo_files[role]).name)
+    fps = Fraction(30000, 1001)
+    clip = _video(tmp_path / "in.mp4", _frames(11), fps)
+    wav = write_wav(tmp_path / "speech.wav", _speech(11 / float(fps), seed=5).numpy(), SR)
+    out = tmp_path / "out.mp4"
+    assert main(["lipsync", "--video", str(clip), "--audio", str(wav), "--out", str(out), "--models-dir", str(models),
+                 "--model", "humo_tiny.safetensors", "--prompt-embeds", str(humo_files["prompt_embeds"]),
+                 "--steps", "2", "--window", "9", "--overlap", "2", "--crop-size", str(SIZE), "--detector", "none",
+                 "--box", "40,24,88,72", "--length-policy", "video", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "with HuMo" in text and "demo model" not in text
+    info = probe_video(out)
+    assert info.num_frames == 11 and info.fps == fps
