@@ -284,6 +284,17 @@ def _round_half_up(value: Fraction) -> int:
     return math.floor(value + Fraction(1, 2))
 
 
+def _drain(stream) -> None:
+    """Flush a decoder left mid-stream (a reader stopped early): its frame threads end idle. Freeing a
+    frame-threaded H.264 decoder with frames still in flight was seen to hang for good inside
+    ``avcodec_free_context`` in a long-lived ComfyUI process (the soak test, PyAV 18.1)."""
+    try:
+        for _ in stream.codec_context.decode(None):
+            pass
+    except Exception:       # a decoder that cannot flush is freed as it is
+        pass
+
+
 class VideoReader:
     """Decode a video as uint8 RGB frames ``[H, W, 3]`` at a constant rate (see the module's VFR policy).
 
@@ -351,7 +362,7 @@ class VideoReader:
         self._container = container = _open_input(self.path)
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        declared, count, end = _stream_seconds(stream), 0, None
+        declared, count, end, finished = _stream_seconds(stream), 0, None, False
         try:
             for frame in container.decode(stream):
                 if self._ops is None:
@@ -360,10 +371,13 @@ class VideoReader:
                     end = (frame.pts + (frame.duration or 0)) * frame.time_base
                 yield frame
                 count += 1
+            finished = True
         except (av.FFmpegError, OSError) as error:
             raise VideoError(f"video is corrupt: decoding failed after frame {count} of {self.path} "
                              f"({error})") from None
         finally:
+            if not finished:
+                _drain(stream)
             if self._container is container:
                 self.close()
         if count == 0:
