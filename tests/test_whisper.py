@@ -304,3 +304,22 @@ def test_short_input_and_validation():
         model(torch.randn(1, 80, 101))  # longer than 2 * n_ctx
     with pytest.raises(InputError):
         model(torch.randn(1, 64, 100))  # wrong mel count
+
+
+@pytest.mark.parametrize("frames", [1, 7, 513, 600, 2999, 3000])
+def test_blocked_conv_stem_equals_the_whole_convolutions(frames):
+    """`embed` computes the stem 256 tokens at a time with 2-frame margins; every length, odd ones and those shorter
+    than a block included, gives the whole-clip convolutions' tokens (same kernels on the same values, but blocks of
+    another width may sum in another order: fp32 round-off only)."""
+    import torch.nn.functional as F
+
+    from omnisync_core.audio.whisper import WhisperEncoder, WhisperEncoderConfig
+
+    torch.manual_seed(frames)
+    enc = WhisperEncoder(WhisperEncoderConfig(d_model=32, n_heads=2, n_layers=1)).eval()
+    mel = torch.randn(1, enc.config.n_mels, frames)
+    with torch.no_grad():
+        whole = F.gelu(enc.conv2(F.gelu(enc.conv1(mel))))
+        blocked = enc.embed(mel)
+    assert blocked.shape == whole.shape
+    torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=1e-5)
