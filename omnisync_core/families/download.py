@@ -54,7 +54,7 @@ def download(name: str, models_dir, say: Callable[[str], None] = print,
         try:
             from huggingface_hub import hf_hub_download
         except ImportError:
-            raise InputError("downloading needs huggingface_hub (pip install -r requirements.txt)") from None
+            raise InputError("downloading needs huggingface_hub: install the packages listed in requirements.txt") from None
 
         def fetch(repo, path, cache_dir):
             return hf_hub_download(repo_id=repo, filename=path, local_dir=cache_dir)
