@@ -11,8 +11,8 @@ from .base import Companion, Family, GenerationOptions, MemoryPlan, ModelFiles, 
 from .components import param_count
 
 DEMO_NOTICE = ("note: this is the bundled demo model, trained on synthetic cartoon faces at 64 px: on real footage it "
-               "paints a smear. For real faces use a real family: HuMo 1.7B (humo), LatentSync 1.6 (latentsync) or "
-               "InfiniteTalk (infinitetalk); see the README's 'Which model' table.")
+               "paints a smear. For real faces use a real family: HuMo 1.7B (--model humo_1.7B_fp16.safetensors; "
+               "LatentSync 1.6 and InfiniteTalk are next); see the README's 'Which model' table.")
 
 
 def _json(metadata: Mapping[str, str], key: str) -> dict:
