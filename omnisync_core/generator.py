@@ -34,6 +34,12 @@ class SamplerOptions:
     ds_cfg: DSCFGParams = field(default_factory=DSCFGParams)
 
 
+def latent_groups(num_frames: int, temporal: int = 4) -> Tensor:
+    """The latent frame of each video frame under Wan's causal VAE: frame 0 alone, then groups of ``temporal``."""
+    return torch.cat([torch.zeros(1, dtype=torch.long),
+                      (torch.arange(1, num_frames) + temporal - 1) // temporal])[:num_frames]
+
+
 def latent_mouths(mouth_xy: Tensor, face_width: Tensor, crop_size: int, latent_hw: tuple[int, int],
                   temporal: int = 4) -> tuple[Tensor, Tensor]:
     """Per-video-frame mouth (crop pixels) -> per-latent-frame mouth and face width in latent cells.
@@ -43,8 +49,7 @@ def latent_mouths(mouth_xy: Tensor, face_width: Tensor, crop_size: int, latent_h
     """
     frames = mouth_xy.shape[0]
     latents = 1 + (frames - 1) // temporal
-    group = torch.cat([torch.zeros(1, dtype=torch.int64),
-                       (torch.arange(1, frames) + temporal - 1) // temporal])
+    group = latent_groups(frames, temporal)
     counts = torch.bincount(group, minlength=latents).clamp_min(1).unsqueeze(1).float()
     mouth = torch.zeros(latents, 2).index_add_(0, group, mouth_xy.float()) / counts
     width = torch.zeros(latents).index_add_(0, group, face_width.float()) / counts[:, 0]

@@ -16,7 +16,8 @@ from omnisync_core.errors import InputError
 from omnisync_core.families import UnknownModelError, families, family, recognise, recognise_tensors
 from omnisync_core.families.download import download, download_plan
 from omnisync_core.families.files import resolve_files
-from omnisync_core.families.v2v import (SourceReinjection, latent_groups, lower_face_mask, model_frame0, time_map)
+from omnisync_core.families.v2v import SourceReinjection, lower_face_mask, model_frame0, time_map
+from omnisync_core.generator import latent_groups
 from omnisync_core.face.types import point_index
 from omnisync_core.model.bundle import DEMO_MODEL
 from omnisync_core.model.loading import TensorInfo

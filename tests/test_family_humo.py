@@ -23,6 +23,7 @@ from omnisync_core.families import v2v
 from omnisync_core.families.humo import FAMILY, HumoFamily, HumoGenerator
 from omnisync_core.face.crop import _footprint
 from omnisync_core.frames import lipsync_frames
+from omnisync_core.timeline import valid_window_length
 from omnisync_core.io import VideoWriter, probe_video
 from omnisync_core.job import WindowInput
 from omnisync_core.model.humo import HumoDiT
@@ -211,7 +212,7 @@ def test_fps_maps_to_25_and_back(humo_files):
     tm = v2v.time_map(13, ntsc.fps, 25)
     assert tm.model_frames == 11
     state = gen.encode(ntsc)
-    assert state.model_frames == 11 and state.z_src.shape[2] == (v2v.padded_length(11) - 1) // 4 + 1
+    assert state.model_frames == 11 and state.z_src.shape[2] == (valid_window_length(11) - 1) // 4 + 1
     assert ntsc.audio.shape[0] == state.z_src.shape[2]
     out = gen(ntsc)
     assert out.shape == ntsc.crops.shape

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError, OmniSyncError
+from ..timeline import valid_window_length
 from .base import Companion, Family, GenerationOptions, MemoryPlan, ModelFiles, Recognition
 from .components import param_count
 from . import v2v
@@ -162,7 +163,7 @@ class HumoWindowAudio:
         n = int(frames.shape[0])
         m = v2v.time_map(n, self.fps, HUMO_TRAINED_FPS).model_frames
         frame0 = v2v.model_frame0(int(frames[0]), self.fps, HUMO_TRAINED_FPS)
-        return self.track.windows(frame0, v2v.padded_length(m))
+        return self.track.windows(frame0, valid_window_length(m))
 
 
 # ---------------------------------------------------------------- generator
@@ -265,7 +266,7 @@ class HumoGenerator:
             raise InputError("the HuMo generator needs its audio windows (audio_features(...).window(frames))")
         self._stage("sample")
         z_src, noise = state.z_src, state.noise
-        frames, latent_hw = v2v.padded_length(state.model_frames), tuple(z_src.shape[-2:])
+        frames, latent_hw = valid_window_length(state.model_frames), tuple(z_src.shape[-2:])
         audio = window.audio.to(self.device, self.dtype)
         if audio.shape[0] != z_src.shape[2]:
             raise InputError(f"the audio covers {audio.shape[0]} latent frames, the window {z_src.shape[2]}")

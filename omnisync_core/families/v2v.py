@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..face.types import point_index
-from ..timeline import valid_window_length
+from ..generator import latent_groups
 
 DEFAULT_MASK_DILATION = 0.15
 MASK_DILATION_TOOLTIP = ("How far past the lower face (nose tip to chin, jaw to jaw) the model may change the "
@@ -71,12 +71,6 @@ def model_frame0(first_frame: int, fps, trained_fps) -> int:
     if trained_fps is None or fps is None:
         return int(first_frame)
     return _nearest(Fraction(int(first_frame)) * Fraction(trained_fps) / Fraction(fps))
-
-
-def latent_groups(num_frames: int, temporal: int = 4) -> Tensor:
-    """The latent frame of each video frame under Wan's causal VAE: frame 0 alone, then groups of ``temporal``."""
-    return torch.cat([torch.zeros(1, dtype=torch.long),
-                      (torch.arange(1, num_frames) + temporal - 1) // temporal])[:num_frames]
 
 
 def _ellipses(points: Optional[Tensor], mouth_xy: Tensor, face_width: Tensor, dilation: float
@@ -135,10 +129,5 @@ class SourceReinjection:
         return torch.where(self.keep, x, self.noised_source(float(sigma)).to(x.dtype))
 
 
-def padded_length(frames: int) -> int:
-    """Frames after padding to the 4k + 1 Wan's VAE takes."""
-    return valid_window_length(int(frames))
-
-
-__all__ = ["DEFAULT_MASK_DILATION", "MASK_DILATION_TOOLTIP", "SourceReinjection", "TimeMap", "latent_groups",
-           "lower_face_mask", "model_frame0", "padded_length", "time_map"]
+__all__ = ["DEFAULT_MASK_DILATION", "MASK_DILATION_TOOLTIP", "SourceReinjection", "TimeMap",
+           "lower_face_mask", "model_frame0", "time_map"]
