@@ -150,9 +150,13 @@ def _cmd_lipsync(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     device = resolve_device(args.device)
-    plan = family.memory_plan(device, resolve_dtype(args.dtype, device), offload=args.offload)
+    if args.swap_blocks < 0:
+        raise InputError(f"--swap-blocks must be 0 or more, got {args.swap_blocks}")
+    plan = family.memory_plan(device, resolve_dtype(args.dtype, device), offload=args.offload, fp8=args.fp8,
+                              swap_blocks=args.swap_blocks, recognition=files.recognition)
+    extra = {"deep_cache": False} if args.no_deep_cache else {}
     generation = GenerationOptions(steps=args.steps, tau=args.tau, guidance=args.guidance,
-                                   mask_dilation=args.mask_dilation)
+                                   mask_dilation=args.mask_dilation, extra=extra)
     generator = family.load(files, plan, generation, progress=ProgressBar())
     defaults = family.defaults_for(files)
     fps = Fraction(probe_video(args.video, count_frames=False).fps)
@@ -199,8 +203,15 @@ def _cmd_encode_prompt(args: argparse.Namespace) -> int:
 
 def _cmd_download(args: argparse.Namespace) -> int:
     """Fetch a family's files into a ComfyUI models folder (the only command that uses the network)."""
-    from .families.download import download, download_plan
+    from .families.download import catalogue, download, download_plan
 
+    if args.list or not args.name:
+        for name, (fam, remote) in catalogue().items():
+            print(f"{name}: {fam.title} ({fam.licence}), {len(remote)} files: "
+                  f"{', '.join(f'{r.name} ({r.size})' for r in remote)}")
+        return 0
+    if not args.models_dir:
+        raise InputError("download needs --models-dir: the ComfyUI models/ folder to put the files in")
     if args.dry_run:
         for remote, target in download_plan(args.name, args.models_dir):
             print(f"{remote.repo}/{remote.path} ({remote.size}) -> {target}")
@@ -208,6 +219,29 @@ def _cmd_download(args: argparse.Namespace) -> int:
     paths = download(args.name, args.models_dir)
     print(f"{args.name}: {len(paths)} files in {args.models_dir}; run omnisync lipsync --models-dir "
           f"{args.models_dir} --model {paths[0].name} ...")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """Turn an upstream pickle checkpoint into safetensors without running any of its code."""
+    import torch
+
+    from .model.convert import convert_pickle
+
+    if not os.path.isfile(args.file):
+        raise InputError(f"file not found: {args.file}")
+    if args.out:
+        _check_output(args.out, [args.file])
+    dtype = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    path = convert_pickle(args.file, args.out, expect=args.expect, dtype=dtype)
+    from .families import recognise
+    from .model.loading import CheckpointError
+
+    try:
+        what = recognise(path).describe()
+    except CheckpointError:
+        what = "converted"
+    print(f"wrote {path}: {what}")
     return 0
 
 
@@ -288,9 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--negative-prompt", help="the negative prompt (default: Wan's)")
     prompt.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     prompt.set_defaults(handler=_cmd_encode_prompt)
+    convert = commands.add_parser("convert", help="turn an upstream pickle (.pt) checkpoint into .safetensors, "
+                                                  "reading tensors only (no code in the file ever runs)")
+    convert.add_argument("file", help="latentsync_unet.pt or whisper/tiny.pt (LatentSync's pickles)")
+    convert.add_argument("--out", help="where to write (default: beside the file, .safetensors)")
+    convert.add_argument("--expect", choices=["latentsync_unet", "latentsync-1.6", "whisper", "whisper-tiny"],
+                         help="refuse the file unless it is this (default: recognise it by its keys)")
+    convert.add_argument("--dtype", default="keep", choices=["keep", "fp16", "bf16", "fp32"],
+                         help="store floating tensors in this precision (default: as in the file)")
+    convert.set_defaults(handler=_cmd_convert)
     fetch = commands.add_parser("download", help="fetch a family's files into a ComfyUI models folder (network)")
-    fetch.add_argument("name", help="what to fetch: humo-1.7b")
-    fetch.add_argument("--models-dir", required=True, help="the ComfyUI models/ folder to put the files in")
+    fetch.add_argument("name", help="what to fetch, e.g. humo-1.7b (omnisync download --list shows all)",
+                       nargs="?")
+    fetch.add_argument("--list", action="store_true", help="list what can be downloaded, with sizes")
+    fetch.add_argument("--models-dir", help="the ComfyUI models/ folder to put the files in")
     fetch.add_argument("--dry-run", action="store_true", help="only print each file and where it would go")
     fetch.set_defaults(handler=_cmd_download)
     train = commands.add_parser("train", help="train an OmniSync model (torchrun for several GPUs)")
@@ -330,6 +375,15 @@ def _add_lipsync_parser(commands) -> None:
     run.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                      help="GPU memory: none (fastest), model (each model on the GPU only for its stage), "
                           "sequential (also the transformer block by block: 8 GB cards)")
+    run.add_argument("--fp8", action="store_true",
+                     help="store the big transformer weights in float8 with scales (families that support it: "
+                          "about half the VRAM of bf16; a fp8_scaled file is used as it is)")
+    run.add_argument("--swap-blocks", type=int, default=0,
+                     help="keep this many transformer blocks in host memory and stream them to the GPU as they "
+                          "run (families that support it; default 0)")
+    run.add_argument("--no-deep-cache", action="store_true",
+                     help="run every denoising step in full (families with DeepCache, e.g. LatentSync: slower, "
+                          "a little closer to the uncached result)")
     run.add_argument("--mask-dilation", type=float,
                      help="for families trained as generators: how far past the lower face the model may change "
                           "the picture, as a fraction of the face width (default 0.15)")
@@ -338,8 +392,9 @@ def _add_lipsync_parser(commands) -> None:
     run.add_argument("--window", type=int, help="frames per window, 4k+1 (default: the model's trained window)")
     run.add_argument("--overlap", type=int, help="frames shared by neighbouring windows (default 8)")
     run.add_argument("--crop-size", type=int, help="face crop side in pixels (model default)")
-    run.add_argument("--guidance", default="ds-cfg", choices=["ds-cfg", "cfg", "none"],
-                     help="audio guidance: spatio-temporal DS-CFG (default), plain CFG, or none")
+    run.add_argument("--guidance", choices=["ds-cfg", "cfg", "none"],
+                     help="audio guidance: spatio-temporal DS-CFG, plain CFG, or none (default: the model's; "
+                          "DS-CFG for OmniSync and HuMo)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps (default auto)")
     run.add_argument("--threads", type=int,
                      help="CPU threads for PyTorch (default: one per core). Use fewer when other CPU-heavy work "

@@ -35,6 +35,21 @@ FLAGS = {"patch": "--patch", "vae": "--vae", "audio_encoder": "--audio-encoder",
 
 
 @dataclass(frozen=True)
+class RemoteFile:
+    """A file an opt-in download fetches: where it lives on the Hugging Face Hub and the ComfyUI ``models/``
+    subfolder it goes to (``size``: approximate, for the plan that is printed first)."""
+
+    repo: str
+    path: str            # inside the repo
+    folder: str
+    size: str
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
 class Recognition:
     """What a safetensors file is. ``kind`` names the architecture (``"humo"``, ``"wan-vae"``, ``"whisper"`` ...),
     ``role`` what it is for in a job (:data:`ROLES`), ``label`` the name users know (``"HuMo 1.7B"``), ``family``
@@ -128,12 +143,13 @@ class GenerationOptions:
     "none". ``audio_scale`` / ``text_scale`` / ``image_scale``: the guidance scales of each condition (families use
     those they have). ``mask_dilation``: how far past the lower face (a fraction of the face width) the model may
     change the latent; outside it the noised source is put back at every step (families trained as generators).
-    ``extra``: family-specific options by name."""
+    ``extra``: family-specific options by name. ``guidance`` None takes the family's (``"ds-cfg"`` unless its
+    defaults say otherwise)."""
 
     steps: Optional[int] = None
     shift: Optional[float] = None
     tau: Optional[float] = None
-    guidance: str = "ds-cfg"
+    guidance: Optional[str] = None
     audio_scale: Optional[float] = None
     text_scale: Optional[float] = None
     image_scale: Optional[float] = None
@@ -144,7 +160,8 @@ class GenerationOptions:
         """These options with every None filled from ``defaults``."""
         values = {name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
                   for name in ("steps", "shift", "tau", "audio_scale", "text_scale", "image_scale", "mask_dilation")}
-        return replace(self, **values, extra={**defaults.get("extra", {}), **self.extra})
+        guidance = self.guidance or defaults.get("guidance", "ds-cfg")
+        return replace(self, **values, guidance=guidance, extra={**defaults.get("extra", {}), **self.extra})
 
 
 StepCallback = Callable[[int, int, Any], None]
@@ -156,7 +173,8 @@ class Family:
     ``trained_fps``: the frame rate the model was trained at (None: any rate; the family's audio front-end aligns
     to the source's frame times); ``trained_window``: video frames per window at that rate; ``defaults``: sampling
     defaults (keys of :class:`GenerationOptions`, plus ``window``, ``overlap`` and ``crop_size`` for the job);
-    ``companions``: the other files it needs."""
+    ``companions``: the other files it needs; ``downloads``: what ``omnisync download NAME`` fetches for it, by
+    NAME (opt-in, through huggingface_hub; :meth:`after_download` then prepares them, e.g. converts pickles)."""
 
     name: str = ""
     title: str = ""
@@ -165,6 +183,7 @@ class Family:
     trained_window: int = 81
     defaults: dict[str, Any] = {}
     companions: tuple[Companion, ...] = ()
+    downloads: dict[str, tuple[RemoteFile, ...]] = {}
     notice: Optional[str] = None
 
     def recognise(self, tensors: Mapping, metadata: Mapping[str, str]) -> Optional[Recognition]:
@@ -208,10 +227,14 @@ class Family:
         """The defaults for these files: the family's, overridden by what the file itself carries."""
         return dict(self.defaults)
 
+    def after_download(self, name: str, paths: list[Path], say: Callable[[str], None]) -> list[Path]:
+        """Make the downloaded ``paths`` of ``name`` ready to use (default: they are); returns the usable files."""
+        return paths
+
     def notice_for(self, files: ModelFiles) -> Optional[str]:
         """One line the CLI and the nodes print when these files run (e.g. that a demo is not a real model)."""
         return self.notice
 
 
 __all__ = ["Companion", "FLAGS", "FOLDERS", "Family", "GenerationOptions", "MemoryPlan", "ModelFiles",
-           "OFFLOAD_MODES", "ROLES", "Recognition", "StepCallback"]
+           "OFFLOAD_MODES", "ROLES", "Recognition", "RemoteFile", "StepCallback"]

@@ -4,45 +4,27 @@ unless the user asks (``omnisync download NAME --models-dir DIR``); every file i
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import InputError
+from .base import Family, RemoteFile
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    repo: str
-    path: str            # inside the repo
-    folder: str          # ComfyUI models/ subfolder it goes to
-    size: str            # approximate, for the plan it prints
+def catalogue() -> dict[str, tuple[Family, tuple[RemoteFile, ...]]]:
+    """Every download name the families offer, with its family and files."""
+    from . import families
 
-    @property
-    def name(self) -> str:
-        return self.path.rsplit("/", 1)[-1]
-
-
-DOWNLOADS: dict[str, tuple[RemoteFile, ...]] = {
-    "humo-1.7b": (
-        RemoteFile("Comfy-Org/HuMo_ComfyUI", "split_files/diffusion_models/humo_1.7B_fp16.safetensors",
-                   "diffusion_models", "3.48 GB"),
-        RemoteFile("Comfy-Org/HuMo_ComfyUI", "split_files/audio_encoders/whisper_large_v3_fp16.safetensors",
-                   "audio_encoders", "3.09 GB"),
-        RemoteFile("Comfy-Org/Wan_2.2_ComfyUI_Repackaged", "split_files/vae/wan_2.1_vae.safetensors", "vae",
-                   "254 MB"),
-        RemoteFile("Comfy-Org/Wan_2.1_ComfyUI_repackaged",
-                   "split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "text_encoders", "6.74 GB"),
-    ),
-}
+    return {name: (fam, files) for fam in families().values() for name, files in fam.downloads.items()}
 
 
 def download_plan(name: str, models_dir) -> list[tuple[RemoteFile, Path]]:
     """Each file of ``name`` and where it goes under ``models_dir``."""
-    if name not in DOWNLOADS:
-        raise InputError(f"nothing to download under {name!r}; known: {', '.join(DOWNLOADS)}")
+    known = catalogue()
+    if name not in known:
+        raise InputError(f"nothing to download under {name!r}; known: {', '.join(known)}")
     root = Path(models_dir).expanduser()
-    return [(f, root / f.folder / f.name) for f in DOWNLOADS[name]]
+    return [(f, root / f.folder / f.name) for f in known[name][1]]
 
 
 def download(name: str, models_dir, say: Callable[[str], None] = print,
@@ -77,7 +59,7 @@ def download(name: str, models_dir, say: Callable[[str], None] = print,
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         written.append(target)
-    return written
+    return catalogue()[name][0].after_download(name, written, say)
 
 
-__all__ = ["DOWNLOADS", "RemoteFile", "download", "download_plan"]
+__all__ = ["RemoteFile", "catalogue", "download", "download_plan"]

@@ -16,7 +16,6 @@ are mapped back to the window's own frames, so the output keeps the input's fps 
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Mapping, Optional
@@ -27,9 +26,10 @@ from torch import Tensor
 
 from ..errors import InputError, OmniSyncError
 from ..timeline import valid_window_length
-from .base import Companion, Family, GenerationOptions, MemoryPlan, ModelFiles, Recognition
+from .base import Companion, Family, GenerationOptions, MemoryPlan, ModelFiles, Recognition, RemoteFile
 from .components import param_count
 from . import v2v
+from .conditioning import text_conditioning
 
 HUMO_TRAINED_FPS = 25
 GUIDANCE_MODES = ("ds-cfg", "cfg", "none")
@@ -52,6 +52,16 @@ class HumoFamily(Family):
                   # "whisper": a Whisper of no released size (its width is checked against the DiT at load)
                   Companion("audio_encoder", ("whisper-large-v3", "whisper"), "whisper_large_v3_fp16.safetensors"),
                   Companion("text_encoder", ("umt5",), "umt5_xxl_fp16.safetensors", required=False))
+    downloads = {"humo-1.7b": (
+        RemoteFile("Comfy-Org/HuMo_ComfyUI", "split_files/diffusion_models/humo_1.7B_fp16.safetensors",
+                   "diffusion_models", "3.48 GB"),
+        RemoteFile("Comfy-Org/HuMo_ComfyUI", "split_files/audio_encoders/whisper_large_v3_fp16.safetensors",
+                   "audio_encoders", "3.09 GB"),
+        RemoteFile("Comfy-Org/Wan_2.2_ComfyUI_Repackaged", "split_files/vae/wan_2.1_vae.safetensors", "vae",
+                   "254 MB"),
+        RemoteFile("Comfy-Org/Wan_2.1_ComfyUI_repackaged",
+                   "split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "text_encoders", "6.74 GB"),
+    )}
 
     def recognise(self, tensors: Mapping, metadata: Mapping[str, str]) -> Optional[Recognition]:
         from ..model.humo import humo_config_from_shapes, humo_label, is_humo
@@ -84,7 +94,9 @@ class HumoFamily(Family):
         if cfg.in_dim != cfg.out_dim:
             raise InputError(f"{files.recognition.label} takes {cfg.in_dim} input channels (the image-conditioned "
                              f"17B layout); this family runs the 16-channel HuMo-1.7B layout only")
-        positive, negative = text_conditioning(files, cfg.text_dim, cfg.text_len, plan.device)
+        from ..text.prompt import HUMO_DEFAULT_PROMPT
+
+        positive, negative = text_conditioning(files, cfg.text_dim, cfg.text_len, plan.device, HUMO_DEFAULT_PROMPT)
         vae = load_vae(files.need("vae"), device=home)
         audio_dtype = torch.float16 if plan.device.type == "cuda" else torch.float32
         whisper = load_whisper(files.need("audio_encoder"), device=home, dtype=audio_dtype)
@@ -94,59 +106,6 @@ class HumoFamily(Family):
                              f"{wc.n_layers} layers; {files.recognition.label} takes Whisper-large-v3 features "
                              f"({cfg.whisper_dim} wide; whisper_large_v3_fp16.safetensors)")
         return HumoGenerator(dit, vae, whisper, positive, negative, opts, plan, step_callback)
-
-
-def _conditioning_tensor(value: Any, name: str) -> Tensor:
-    """A ComfyUI CONDITIONING (``[[tensor, {...}], ...]``) or a plain tensor -> ``[1, L, D]``."""
-    while isinstance(value, (list, tuple)) and value:
-        value = value[0]
-    if not isinstance(value, Tensor) or value.ndim not in (2, 3):
-        raise InputError(f"the {name} text conditioning must be umT5 features [1, L, D]")
-    return value.reshape(1, value.shape[-2], value.shape[-1]).detach().float().cpu()
-
-
-def text_conditioning(files: ModelFiles, text_dim: int, text_len: int, device) -> tuple[Tensor, Tensor]:
-    """(positive, negative) umT5 features ``[1, L, text_dim]`` float32 on the CPU: ComfyUI's conditioning, else a
-    prompt-embeddings file, else the prompts encoded with the umT5 text encoder (loaded once, freed at once)."""
-    from ..text.prompt import HUMO_DEFAULT_PROMPT, WAN_DEFAULT_NEGATIVE_PROMPT, load_prompt_embeds
-
-    if files.conditioning is not None:
-        if len(files.conditioning) != 2:
-            raise InputError("the text conditioning must be a (positive, negative) pair")
-        pos, neg = (_conditioning_tensor(c, n) for c, n in zip(files.conditioning, ("positive", "negative")))
-        source = "the text conditioning"
-    elif files.prompt_embeds is not None:
-        embeds = load_prompt_embeds(files.prompt_embeds)
-        pos, neg = embeds.positive, embeds.negative
-        source = files.prompt_embeds.name
-    elif "text_encoder" in files.companions:
-        from ..text.prompt import encode_prompt_pair
-        from ..text.umt5 import load_umt5
-
-        path = files.companions["text_encoder"]
-        device = torch.device(device)
-        encoder, tokenizer = load_umt5(path, device=device,
-                                       dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        try:
-            embeds = encode_prompt_pair(encoder, tokenizer, files.prompt or HUMO_DEFAULT_PROMPT,
-                                        files.negative_prompt or WAN_DEFAULT_NEGATIVE_PROMPT, device,
-                                        encoder_name=path.name)
-        finally:
-            del encoder
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        pos, neg = embeds.positive, embeds.negative
-        source = path.name
-    else:
-        raise InputError(f"{files.recognition.label} needs text conditioning: a umT5 text encoder "
-                         f"(--text-encoder umt5_xxl_fp16.safetensors) or a prompt-embeddings file "
-                         f"(--prompt-embeds, made by `omnisync encode-prompt`)")
-    for t in (pos, neg):
-        if t.shape[-1] != text_dim:
-            raise InputError(f"{source} holds {t.shape[-1]}-wide text features; {files.recognition.label} takes "
-                             f"{text_dim} (umT5-xxl)")
-    return pos[:, :text_len].float().cpu(), neg[:, :text_len].float().cpu()
 
 
 # ---------------------------------------------------------------- audio conditioning
@@ -333,4 +292,4 @@ class HumoGenerator:
 
 FAMILY = HumoFamily()
 
-__all__ = ["FAMILY", "HumoFamily", "HumoGenerator", "HumoLatents", "HumoWindowAudio", "text_conditioning"]
+__all__ = ["FAMILY", "HumoFamily", "HumoGenerator", "HumoLatents", "HumoWindowAudio"]
