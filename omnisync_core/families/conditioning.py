@@ -22,11 +22,12 @@ def _conditioning_tensor(value: Any, name: str) -> Tensor:
     return value.reshape(1, value.shape[-2], value.shape[-1]).detach().float().cpu()
 
 
-def text_conditioning(files: ModelFiles, text_dim: int, text_len: int, device, default_prompt: str
-                      ) -> tuple[Tensor, Tensor]:
+def text_conditioning(files: ModelFiles, text_dim: int, text_len: int, device, default_prompt: str,
+                      default_negative: "str | None" = None) -> tuple[Tensor, Tensor]:
     """(positive, negative) umT5 features ``[1, L, text_dim]`` float32 on the CPU: ComfyUI's conditioning, else a
-    prompt-embeddings file, else the prompts (``files.prompt``, else the family's ``default_prompt``) encoded with
-    the umT5 text encoder (loaded once, freed at once)."""
+    prompt-embeddings file, else the prompts (``files.prompt``, else the family's ``default_prompt``;
+    ``files.negative_prompt``, else ``default_negative``, else Wan's Chinese negative prompt) encoded with the umT5
+    text encoder (loaded once, freed at once)."""
     from ..text.prompt import WAN_DEFAULT_NEGATIVE_PROMPT, load_prompt_embeds
 
     if files.conditioning is not None:
@@ -48,7 +49,7 @@ def text_conditioning(files: ModelFiles, text_dim: int, text_len: int, device, d
                                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         try:
             embeds = encode_prompt_pair(encoder, tokenizer, files.prompt or default_prompt,
-                                        files.negative_prompt or WAN_DEFAULT_NEGATIVE_PROMPT, device,
+                                        files.negative_prompt or default_negative or WAN_DEFAULT_NEGATIVE_PROMPT, device,
                                         encoder_name=path.name)
         finally:
             del encoder

@@ -138,10 +138,11 @@ class HumoLatents:
     z: Optional[Tensor] = None
 
 
-class HumoGenerator:
+class HumoGenerator(v2v.V2VGenerator):
     """Edits windows of face crops with a HuMo-1.7B DiT, a Wan VAE and Whisper-large-v3 (a WindowGenerator)."""
 
     temporal_factor = 4
+    trained_fps = HUMO_TRAINED_FPS
 
     def __init__(self, dit, vae, audio_encoder, positive: Tensor, negative: Tensor, options: GenerationOptions,
                  plan: MemoryPlan, step_callback=None):
@@ -153,21 +154,6 @@ class HumoGenerator:
         self.last_stats = None
         self.parts = {"dit": self.dit, "vae": self.vae, "audio": self.audio_encoder}
         self.stage_parts = {"audio": ("audio",), "encode": ("vae",), "sample": ("dit",), "decode": ("vae",)}
-
-    # ------------------------------------------------------------------ memory
-
-    def _stage(self, stage: str) -> None:
-        """With model offload, the parts of ``stage`` on the device and the others in host memory."""
-        if self.plan.offload != "model":
-            return
-        wanted = set(self.stage_parts[stage])
-        for name, module in self.parts.items():
-            if name not in wanted:
-                module.to("cpu")
-        for name in wanted:
-            self.parts[name].to(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ audio
 
@@ -185,7 +171,7 @@ class HumoGenerator:
         from ..generator import encode_window
 
         self._stage("encode")
-        tm = v2v.time_map(window.crops.shape[0], window.fps, HUMO_TRAINED_FPS)
+        tm = self.time_map(window)
         z_src, noise = encode_window(self.vae, tm.to_model(window.crops), window.seed, self.device)
         # Wan's VAE is causal: latent frame 0 sees video frame 0 alone, so it is the latent of the window's first
         # source frame, HuMo's reference (one latent frame, appended after the video in time by the DiT)
@@ -193,29 +179,11 @@ class HumoGenerator:
         return HumoLatents(z_src, noise, reference, tm.model_frames)
 
     def _mask_and_mouths(self, window, tm, latent_hw, frames: int) -> tuple[Tensor, Tensor, Tensor]:
-        from ..generator import latent_mouths, pad_frames
-
-        size = window.crops.shape[1]
-        tail = frames - tm.model_frames
-        mouth = pad_frames(tm.to_model(window.mouth_xy), tail)
-        width = pad_frames(tm.to_model(window.face_width), tail)
-        points = pad_frames(tm.to_model(window.points), tail) if window.points is not None else None
-        mask = v2v.lower_face_mask(mouth, width, size, latent_hw, points, float(self.options.mask_dilation),
-                                   self.temporal_factor)
-        lm, lw = latent_mouths(mouth, width, size, latent_hw, self.temporal_factor)
-        return mask, lm, lw
+        return v2v.window_mask(window, tm, latent_hw, frames, float(self.options.mask_dilation),
+                               self.temporal_factor)
 
     def _audio_weight(self, mouth: Tensor, width: Tensor, latent_hw):
-        from ..sampling import DSCFGGuidance, DSCFGParams
-
-        opts = self.options
-        if opts.guidance == "none":
-            return lambda sigma: 1.0
-        if opts.guidance == "cfg":
-            return lambda sigma: float(opts.audio_scale)
-        params = DSCFGParams(omega_peak=float(opts.audio_scale))
-        return DSCFGGuidance(mouth.unsqueeze(0).to(self.device), width.unsqueeze(0), latent_hw, float(opts.tau),
-                             params)
+        return v2v.audio_weight(self.options, mouth, width, latent_hw, self.device)
 
     @torch.no_grad()
     def sample(self, state: HumoLatents, window, step_callback=None) -> HumoLatents:
@@ -229,7 +197,7 @@ class HumoGenerator:
         audio = window.audio.to(self.device, self.dtype)
         if audio.shape[0] != z_src.shape[2]:
             raise InputError(f"the audio covers {audio.shape[0]} latent frames, the window {z_src.shape[2]}")
-        tm = v2v.time_map(window.crops.shape[0], window.fps, HUMO_TRAINED_FPS)
+        tm = self.time_map(window)
         mask, mouth, width = self._mask_and_mouths(window, tm, latent_hw, frames)
         weight = self._audio_weight(mouth, width, latent_hw)
         velocity = self._velocity(audio, state.reference, weight)
@@ -273,21 +241,6 @@ class HumoGenerator:
             return v_neg + s_t * (v_t - v_neg) + w * (v_ta - v_t) + s_i * (v_tia - v_ta)
 
         return velocity
-
-    @torch.no_grad()
-    def decode(self, state: HumoLatents, window) -> Tensor:
-        from ..generator import decode_window
-
-        if state.z is None:
-            raise InputError("this window has not been sampled yet (run the sampler first)")
-        self._stage("decode")
-        crops = decode_window(self.vae, state.z.float(), state.model_frames)
-        tm = v2v.time_map(window.crops.shape[0], window.fps, HUMO_TRAINED_FPS)
-        return tm.to_window(crops).float().cpu()
-
-    @torch.no_grad()
-    def __call__(self, window) -> Tensor:
-        return self.decode(self.sample(self.encode(window), window), window)
 
 
 FAMILY = HumoFamily()

@@ -5,7 +5,10 @@
 * :func:`lower_face_mask`: the editable region of each latent frame, the lower face (nose tip to chin, jaw to jaw)
   from our Face Mesh points, dilated by a fraction of the face width;
 * :class:`SourceReinjection`: after every sampling step, the source noised to the step's sigma is put back outside
-  that mask, so nothing outside the mouth region can drift (``sampling.sample(..., project=...)``).
+  that mask, so nothing outside the mouth region can drift (``sampling.sample(..., project=...)``);
+* :func:`window_mask`, :func:`audio_weight`, :func:`place_stage`, :class:`V2VGenerator`: what those families'
+  window generators share (the mask and per-latent mouths of a window at the model's rate, the guidance weight on
+  the audio term, model offload between stages, decoding back to the window's own frames).
 """
 
 from __future__ import annotations
@@ -129,5 +132,83 @@ class SourceReinjection:
         return torch.where(self.keep, x, self.noised_source(float(sigma)).to(x.dtype))
 
 
-__all__ = ["DEFAULT_MASK_DILATION", "MASK_DILATION_TOOLTIP", "SourceReinjection", "TimeMap",
-           "lower_face_mask", "model_frame0", "time_map"]
+def window_mask(window, tm: TimeMap, latent_hw, frames: int, dilation: float, temporal: int = 4
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """For a window (:class:`~omnisync_core.job.WindowInput`) seen at the model's rate through ``tm`` and padded
+    to ``frames`` (4k + 1): the editable lower-face mask ``[F, h, w]`` (:func:`lower_face_mask`) and the
+    per-latent-frame mouth ``[F, 2]`` and face width ``[F]`` in latent cells (for DS-CFG)."""
+    from ..generator import latent_mouths, pad_frames
+
+    size = window.crops.shape[1]
+    tail = frames - tm.model_frames
+    mouth = pad_frames(tm.to_model(window.mouth_xy), tail)
+    width = pad_frames(tm.to_model(window.face_width), tail)
+    points = pad_frames(tm.to_model(window.points), tail) if window.points is not None else None
+    mask = lower_face_mask(mouth, width, size, latent_hw, points, float(dilation), temporal)
+    lm, lw = latent_mouths(mouth, width, size, latent_hw, temporal)
+    return mask, lm, lw
+
+
+def audio_weight(options, mouth: Tensor, width: Tensor, latent_hw, device):
+    """``weight(sigma)`` on the audio guidance term for ``options.guidance``: "ds-cfg" DS-CFG's spatio-temporal map
+    peaking at ``options.audio_scale`` at the mouth (:class:`~omnisync_core.sampling.DSCFGGuidance`, per latent
+    frame ``mouth [F, 2]`` / ``width [F]`` in latent cells), "cfg" the audio scale everywhere, "none" 1."""
+    from ..sampling import DSCFGGuidance, DSCFGParams
+
+    if options.guidance == "none":
+        return lambda sigma: 1.0
+    if options.guidance == "cfg":
+        return lambda sigma: float(options.audio_scale)
+    params = DSCFGParams(omega_peak=float(options.audio_scale))
+    return DSCFGGuidance(mouth.unsqueeze(0).to(device), width.unsqueeze(0), latent_hw, float(options.tau), params)
+
+
+def place_stage(parts: dict, wanted, plan) -> None:
+    """With ``plan.offload == "model"``: the modules named in ``wanted`` on ``plan.device``, the other ``parts``
+    (name -> module) in host memory; otherwise nothing moves."""
+    if plan.offload != "model":
+        return
+    for name, module in parts.items():
+        if name not in wanted:
+            module.to("cpu")
+    for name in wanted:
+        if name in parts:
+            parts[name].to(plan.device)
+    if plan.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class V2VGenerator:
+    """The stages a video-to-video window generator shares: subclasses set ``trained_fps`` and, in ``__init__``,
+    ``vae``, ``plan``, ``parts`` (name -> module) and ``stage_parts`` (stage -> names), and implement ``encode`` and
+    ``sample`` (a state with ``z`` and ``model_frames``)."""
+
+    trained_fps = None
+
+    def _stage(self, stage: str) -> None:
+        """With model offload, the parts of ``stage`` on the device and the others in host memory."""
+        place_stage(self.parts, self.stage_parts[stage], self.plan)
+
+    def time_map(self, window) -> TimeMap:
+        """The window's frames <-> the model's frames at the trained rate."""
+        return time_map(window.crops.shape[0], window.fps, self.trained_fps)
+
+    @torch.no_grad()
+    def decode(self, state, window) -> Tensor:
+        """The sampled latent decoded and mapped back to the window's frames: ``[n, S, S, 3]`` 0..1 on the CPU."""
+        from ..errors import InputError
+        from ..generator import decode_window
+
+        if state.z is None:
+            raise InputError("this window has not been sampled yet (run the sampler first)")
+        self._stage("decode")
+        crops = decode_window(self.vae, state.z.float(), state.model_frames)
+        return self.time_map(window).to_window(crops).float().cpu()
+
+    @torch.no_grad()
+    def __call__(self, window) -> Tensor:
+        return self.decode(self.sample(self.encode(window), window), window)
+
+
+__all__ = ["DEFAULT_MASK_DILATION", "MASK_DILATION_TOOLTIP", "SourceReinjection", "TimeMap", "V2VGenerator",
+           "audio_weight", "lower_face_mask", "model_frame0", "place_stage", "time_map", "window_mask"]
