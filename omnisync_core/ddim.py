@@ -107,7 +107,8 @@ StepCallback = Callable[[int, int, int, Tensor], None]
 
 @torch.no_grad()
 def sample_window(unet, latents: Tensor, conditioning: Tensor, audio: Tensor, steps: int = 20,
-                  guidance: float = 1.5, deepcache: bool = True, cache_interval: int = 3, strength: float = 1.0,
+                  guidance: "float | Callable[[int], float | Tensor]" = 1.5, deepcache: bool = True,
+                  cache_interval: int = 3, strength: float = 1.0,
                   batch_cfg: bool = True, step_callback: Optional[StepCallback] = None,
                   cfg: DDIMConfig = LATENTSYNC_DDIM) -> Tensor:
     """Denoise one window: ``latents [B, 4, F, h, w]`` (the initial noise, or a source noised to the first timestep
@@ -116,7 +117,8 @@ def sample_window(unet, latents: Tensor, conditioning: Tensor, audio: Tensor, st
     ``conditioning [B, 9, F, h, w]`` is ``[mask (1 = keep), masked-frame latents, reference latents]``, scaled by the
     VAE factor; ``audio [B, F, S, D]`` the per-frame audio tokens. Guidance above 1 adds the zero-audio branch, in
     one batch with the conditional one (upstream's order ``[uncond, cond]``) or, with ``batch_cfg=False``, as two
-    passes (half the activation memory). DeepCache (``cache_interval``, branch 0): the first step run and every
+    passes (half the activation memory). ``guidance`` may also be a function of the timestep giving the scale or
+    a weight map broadcast over ``[B, 1, F, h, w]`` (DS-CFG); the zero-audio branch then always runs. DeepCache (``cache_interval``, branch 0): the first step run and every
     ``cache_interval``-th after it are full passes, the others cached; ``deepcache=False`` runs every step in full.
     ``step_callback(i, n, t, latents)`` runs after each step (it may raise to stop the window).
     """
@@ -126,7 +128,8 @@ def sample_window(unet, latents: Tensor, conditioning: Tensor, audio: Tensor, st
         raise InputError(f"cache_interval must be at least 1, got {cache_interval}.")
     timesteps = ddim_timesteps(steps, strength, cfg)
     ac = alphas_cumprod(cfg)
-    use_cfg = guidance > 1.0
+    scale = guidance if callable(guidance) else (lambda t: guidance)
+    use_cfg = callable(guidance) or guidance > 1.0
     dt = unet.dtype
     cond, audio = conditioning.to(dt), audio.to(dt)
     if use_cfg and batch_cfg:
@@ -152,7 +155,8 @@ def sample_window(unet, latents: Tensor, conditioning: Tensor, audio: Tensor, st
                 preds.append(eps)
         if use_cfg:
             uncond, condp = preds[0].chunk(2) if batch_cfg else preds
-            eps = uncond + guidance * (condp - uncond)
+            w = scale(t)
+            eps = uncond + (w.to(condp.device, condp.dtype) if isinstance(w, Tensor) else w) * (condp - uncond)
         else:
             eps = preds[0]
         x = ddim_step(eps, t, x, steps, cfg, ac)

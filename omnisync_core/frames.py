@@ -26,7 +26,8 @@ from .audio.waveform import channels_from_array
 from .errors import InputError
 from .face.crop import crop_faces, paste_back
 from .job import AudioFeatures, run_job, window_input
-from .plan import FaceAnalyzer, LipSyncOptions, LipSyncPlan, ProgressFn, check_audio, plan_lipsync
+from .plan import (FaceAnalyzer, LipSyncOptions, LipSyncPlan, ProgressFn, check_audio, plan_lipsync,
+                   with_window_rule)
 from .sources import TensorFrames, TensorSink, check_frames
 from .timeline import CrossFader, Window
 
@@ -284,7 +285,7 @@ def lipsync_frames(frames: Tensor, audio: Tensor, sample_rate: int, fps, generat
     ``[N]``) at ``sample_rate``: the same job as :meth:`LipSyncPipeline.run` on a file. ``generator`` is any
     window generator; ``audio_encoder`` becomes its encoder when it has none. ``progress(stage, done, total)`` is
     called per face-analysis batch ("faces") and per window ("lipsync")."""
-    opts = options or LipSyncOptions()
+    opts = with_window_rule(options or LipSyncOptions(), generator)
     if audio_encoder is not None and getattr(generator, "audio_encoder", audio_encoder) is None:
         generator.audio_encoder = audio_encoder
     track = AudioTrack.from_samples(*audio_channels(audio, sample_rate))

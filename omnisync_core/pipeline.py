@@ -16,7 +16,8 @@ from .audio.track import AudioTrack
 from .io import VideoWriter
 from .job import JobReport, PassThroughGenerator, WindowGenerator, WindowInput, run_job, timed
 from .memory import limit_heap_growth
-from .plan import FaceAnalyzer, LipSyncOptions, LipSyncPlan, ProgressFn, analyze_faces, plan_lipsync
+from .plan import (FaceAnalyzer, LipSyncOptions, LipSyncPlan, ProgressFn, analyze_faces, plan_lipsync,
+                   with_window_rule)
 from .sources import VideoFileFrames
 
 LipSyncReport = JobReport
@@ -33,7 +34,7 @@ class LipSyncPipeline:
             generator.audio_encoder = audio_encoder
         self.generator = generator
         self.face_analyzer = face_analyzer
-        self.options = options or LipSyncOptions()
+        self.options = with_window_rule(options or LipSyncOptions(), generator)
 
     def plan(self, video: str, audio, progress: Optional[ProgressFn] = None) -> tuple[LipSyncPlan, VideoFileFrames]:
         """The job's plan and its frame source (close it when done)."""

@@ -47,6 +47,7 @@ class LipSyncOptions:
     color_match: bool = False
     keep_detail: bool = True
     analysis_batch: int = 16
+    window_rule: Optional[str] = None    # None: the generator's (see with_window_rule), else "4k+1"
 
 
 @dataclass
@@ -67,6 +68,7 @@ class LipSyncPlan:
     editable: Tensor
     windows: list[Window]
     warnings: list = field(default_factory=list)
+    window_rule: str = "4k+1"
 
     @property
     def num_frames(self) -> int:
@@ -89,7 +91,17 @@ class LipSyncPlan:
         """The same plan cut into other windows."""
         from dataclasses import replace
 
-        return replace(self, windows=plan_windows(self.num_frames, window, overlap))
+        return replace(self, windows=plan_windows(self.num_frames, window, overlap, self.window_rule))
+
+
+def with_window_rule(options: LipSyncOptions, generator) -> LipSyncOptions:
+    """``options`` with the generator's window rule (``generator.window_rule``, "4k+1" when it names none) where
+    the options leave it unset, so a family with plain 16-frame windows plans them without the caller knowing."""
+    if options.window_rule is not None:
+        return options
+    from dataclasses import replace
+
+    return replace(options, window_rule=getattr(generator, "window_rule", "4k+1"))
 
 
 def analyze_faces(frames_iter: Iterator[Tensor], analyzer: Optional[FaceAnalyzer], frame_hw: tuple[int, int],
@@ -133,10 +145,11 @@ def plan_lipsync(audio: AudioTrack, source, analyzer: Optional[FaceAnalyzer], op
     params = crop_params(out_track, size=options.crop_size, margin=options.crop_margin)
     editable = out_track.valid & (torch.arange(timeline.num_frames) < timeline.audio_frames)
     warnings = list(track.warnings) + (["the audio is silent: the mouth will stay closed"] if audio.silent else [])
+    rule = options.window_rule or "4k+1"
     return LipSyncPlan(audio, source.fps, num_source, tuple(source.frame_hw), timeline, index, track, out_track,
-                       params, editable, plan_windows(timeline.num_frames, options.window, options.overlap),
-                       warnings)
+                       params, editable, plan_windows(timeline.num_frames, options.window, options.overlap, rule),
+                       warnings, rule)
 
 
 __all__ = ["FaceAnalyzer", "LipSyncOptions", "LipSyncPlan", "ProgressFn", "analyze_faces", "check_audio",
-           "plan_lipsync"]
+           "plan_lipsync", "with_window_rule"]

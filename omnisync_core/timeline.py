@@ -86,11 +86,27 @@ def valid_window_length(frames: int) -> int:
     return frames + (1 - frames) % 4
 
 
-def plan_windows(num_frames: int, window: int = 81, overlap: int = 8) -> list[Window]:
-    """Consecutive windows of ``window`` frames sharing ``overlap`` frames; the last one may be shorter (the
-    generator pads it to the next valid length). Only neighbouring windows ever share frames."""
-    if window < 5 or window % 4 != 1:
+# What a window length must be, by the name a generator gives (``generator.window_rule``): "4k+1" for models
+# behind Wan's causal VAE (4 frames per latent after the first), "any" for models whose windows are plain frame
+# counts (LatentSync's 16-frame windows).
+WINDOW_RULES = ("4k+1", "any")
+
+
+def check_window(window: int, rule: str = "4k+1") -> None:
+    """One clear error unless ``window`` frames fit ``rule`` (:data:`WINDOW_RULES`)."""
+    if rule not in WINDOW_RULES:
+        raise InputError(f"unknown window rule {rule!r}; choose one of {', '.join(WINDOW_RULES)}")
+    if rule == "4k+1" and (window < 5 or window % 4 != 1):
         raise InputError(f"window must be 4k + 1 frames and at least 5 (e.g. 81), got {window}")
+    if window < 1:
+        raise InputError(f"window must be at least 1 frame, got {window}")
+
+
+def plan_windows(num_frames: int, window: int = 81, overlap: int = 8, rule: str = "4k+1") -> list[Window]:
+    """Consecutive windows of ``window`` frames sharing ``overlap`` frames; the last one may be shorter (the
+    generator pads it to the next valid length). Only neighbouring windows ever share frames. ``rule``: what the
+    window length must be (:func:`check_window`)."""
+    check_window(window, rule)
     if not 0 <= overlap <= window // 2:
         raise InputError(f"overlap must lie in [0, {window // 2}] frames for a window of {window}, got {overlap}")
     if num_frames <= 0:

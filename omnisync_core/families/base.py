@@ -171,7 +171,9 @@ class Family:
     """One model family. Subclasses set the class attributes and implement :meth:`recognise` and :meth:`load`.
 
     ``trained_fps``: the frame rate the model was trained at (None: any rate; the family's audio front-end aligns
-    to the source's frame times); ``trained_window``: video frames per window at that rate; ``defaults``: sampling
+    to the source's frame times); ``trained_window``: video frames per window at that rate; ``window_rule``: what a
+    window length must be (:data:`~omnisync_core.timeline.WINDOW_RULES`: "4k+1" behind Wan's causal VAE, "any"
+    for plain frame counts); ``defaults``: sampling
     defaults (keys of :class:`GenerationOptions`, plus ``window``, ``overlap`` and ``crop_size`` for the job);
     ``companions``: the other files it needs; ``downloads``: what ``omnisync download NAME`` fetches for it, by
     NAME (opt-in, through huggingface_hub; :meth:`after_download` then prepares them, e.g. converts pickles)."""
@@ -181,6 +183,7 @@ class Family:
     licence: str = ""
     trained_fps: Optional[Fraction] = None
     trained_window: int = 81
+    window_rule: str = "4k+1"
     defaults: dict[str, Any] = {}
     companions: tuple[Companion, ...] = ()
     downloads: dict[str, tuple[RemoteFile, ...]] = {}
@@ -222,6 +225,15 @@ class Family:
              step_callback: Optional[StepCallback] = None, progress=None):
         """A window generator for ``files``, with its models placed as ``plan`` says."""
         raise NotImplementedError
+
+    def retune(self, generator, files: ModelFiles, options: GenerationOptions) -> bool:
+        """Give a loaded ``generator`` other sampling ``options`` without reloading its weights (the ComfyUI
+        nodes keep one loaded between runs). True when done; False when it must be loaded anew. This default
+        covers generators that read a resolved :class:`GenerationOptions` ``options`` attribute at each window."""
+        if not isinstance(getattr(generator, "options", None), GenerationOptions):
+            return False
+        generator.options = options.resolved(self.defaults_for(files))
+        return True
 
     def defaults_for(self, files: Optional[ModelFiles] = None) -> dict[str, Any]:
         """The defaults for these files: the family's, overridden by what the file itself carries."""
