@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from omnisync_core.audio.track import AudioTrack
-from omnisync_core.audio.whisper import WhisperEncoder, WhisperEncoderConfig
 from omnisync_core.errors import InputError
 from omnisync_core.families import family, recognise, recognise_tensors
 from omnisync_core.families.base import GenerationOptions, ModelFiles
@@ -28,14 +26,13 @@ from omnisync_core.io import VideoWriter, probe_video
 from omnisync_core.job import WindowInput
 from omnisync_core.model.humo import HumoDiT
 from omnisync_core.model.loading import TensorInfo
-from omnisync_core.model.vae import WanVAE
 from omnisync_core.pipeline import LipSyncOptions, LipSyncPipeline
 from omnisync_core.plan import plan_lipsync
 from omnisync_core.sampling import flow_sigmas, truncate_sigmas
 from omnisync_core.sources import TensorFrames
-from omnisync_core.text.prompt import save_prompt_embeds
 
 from conftest import write_wav
+from tiny_models import face_crops, speech_tone, write_tiny_humo
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PREFIX = "model.diffusion_model."
@@ -45,58 +42,9 @@ SR = 16000
 
 # ---------------------------------------------------------------- tiny files in their real layouts
 
-def _randomize(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
-_HF_NAMES = {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj", "attn.value": "self_attn.v_proj",
-             "attn.out": "self_attn.out_proj", "attn_ln": "self_attn_layer_norm", "mlp.0": "fc1", "mlp.2": "fc2",
-             "mlp_ln": "final_layer_norm"}
-
-
-def _hf_whisper(sd: dict) -> dict:
-    """Our encoder's state dict -> a whole Hugging Face WhisperModel layout (encoder + a decoder tensor)."""
-    out = {}
-    for key, value in sd.items():
-        if key == "positional_embedding":
-            key = "embed_positions.weight"
-        elif key.startswith("ln_post."):
-            key = "layer_norm." + key.split(".", 1)[1]
-        elif key.startswith("blocks."):
-            _, n, rest = key.split(".", 2)
-            part, leaf = rest.rsplit(".", 1)
-            key = f"layers.{n}.{_HF_NAMES[part]}.{leaf}"
-        out["model.encoder." + key] = value.contiguous()
-    out["model.decoder.embed_tokens.weight"] = torch.randn(8, sd["conv1.weight"].shape[0])
-    return out
-
-
 @pytest.fixture(scope="module")
 def humo_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("humo")
-    torch.manual_seed(0)
-    dit = _randomize(HumoDiT("tiny"), 1)
-    model = root / "diffusion_models" / "humo_tiny.safetensors"
-    model.parent.mkdir()
-    save_file({PREFIX + k: v.contiguous() for k, v in dit.state_dict().items()}, str(model))
-    vae = _randomize(WanVAE("tiny"), 2, 0.02)
-    vae_path = root / "wan_tiny_vae.safetensors"
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_path))
-    c = dit.config
-    whisper = _randomize(WhisperEncoder(WhisperEncoderConfig(n_mels=128, d_model=c.whisper_dim, n_heads=1,
-                                                             n_layers=4)), 3)
-    whisper_path = root / "whisper_tiny_hf.safetensors"
-    save_file(_hf_whisper(whisper.state_dict()), str(whisper_path))
-    g = torch.Generator().manual_seed(4)
-    pos, neg = torch.zeros(2, 1, c.text_len, c.text_dim)
-    pos[:, :7], neg[:, :5] = torch.randn(1, 7, c.text_dim, generator=g), torch.randn(1, 5, c.text_dim, generator=g)
-    embeds = save_prompt_embeds(root / "prompt.safetensors", pos, neg, prompt="a person talking",
-                                negative_prompt="blur", encoder_name="random", lengths=(7, 5))
-    return {"model": model, "vae": vae_path, "audio_encoder": whisper_path, "prompt_embeds": embeds}
+    return write_tiny_humo(tmp_path_factory.mktemp("humo"))
 
 
 def _files(humo_files) -> ModelFiles:
@@ -112,29 +60,12 @@ def _generator(humo_files, **options) -> HumoGenerator:
     return FAMILY.load(_files(humo_files), FAMILY.memory_plan(torch.device("cpu")), opts)
 
 
-def _speech(seconds: float, seed: int = 0) -> torch.Tensor:
-    t = torch.arange(int(seconds * SR)) / SR
-    g = torch.Generator().manual_seed(seed)
-    return (0.3 * torch.sin(2 * math.pi * 180 * t) * (0.5 + 0.5 * torch.sin(2 * math.pi * 3 * t))
-            + 0.02 * torch.randn(t.shape, generator=g)).float()
-
-
-def _crops(n: int, size: int = SIZE) -> torch.Tensor:
-    t = torch.arange(n, dtype=torch.float32).view(-1, 1, 1)
-    y = torch.linspace(0, 1, size).view(1, -1, 1)
-    x = torch.linspace(0, 1, size).view(1, 1, -1)
-    r = 0.5 + 0.4 * torch.sin(2 * math.pi * (x + 0.05 * t))
-    g = 0.5 + 0.4 * torch.cos(2 * math.pi * (y - 0.03 * t))
-    b = (0.3 + 0.5 * torch.exp(-((x - 0.5) ** 2 + (y - 0.6) ** 2) / 0.02)).expand(n, -1, -1)
-    return torch.stack([r.expand(n, size, size), g.expand(n, size, size), b], -1)
-
-
 def _window(gen: HumoGenerator, n: int, fps, start: int = 0, seed: int = 7) -> WindowInput:
-    features = gen.audio_features(AudioTrack.from_samples(_speech(2.0), SR), fps)
+    features = gen.audio_features(AudioTrack.from_samples(speech_tone(2.0), SR), fps)
     frames = torch.arange(start, start + n)
     mouth = torch.tensor([[SIZE * 0.5, SIZE * 0.62]]).expand(n, 2).clone()
     width = torch.full((n,), SIZE * 0.45)
-    return WindowInput(_crops(n), frames, fps, features.window(frames), mouth, width, None, seed,
+    return WindowInput(face_crops(n), frames, fps, features.window(frames), mouth, width, None, seed,
                        torch.ones(n, dtype=torch.bool))
 
 
@@ -307,7 +238,7 @@ def test_whole_job_through_the_pipeline(humo_files, tmp_path):
     gen = _generator(humo_files, steps=4)
     n, fps = 14, Fraction(25)
     options = LipSyncOptions(window=9, overlap=2, crop_size=SIZE, box=(40, 24, 88, 72))
-    speech = _speech(n / float(fps), seed=3)
+    speech = speech_tone(n / float(fps), seed=3)
     wav = write_wav(tmp_path / "speech.wav", speech.numpy(), SR)
     clip = _video(tmp_path / "in.mp4", _frames(n), fps)
     out = tmp_path / "out.mp4"
@@ -345,7 +276,7 @@ def test_cli_runs_humo_from_a_models_folder_at_29_97_fps(humo_files, tmp_path, c
         shutil.copy(humo_files[role], models / folder / Path(humo_files[role]).name)
     fps = Fraction(30000, 1001)
     clip = _video(tmp_path / "in.mp4", _frames(11), fps)
-    wav = write_wav(tmp_path / "speech.wav", _speech(11 / float(fps), seed=5).numpy(), SR)
+    wav = write_wav(tmp_path / "speech.wav", speech_tone(11 / float(fps), seed=5).numpy(), SR)
     out = tmp_path / "out.mp4"
     assert main(["lipsync", "--video", str(clip), "--audio", str(wav), "--out", str(out), "--models-dir", str(models),
                  "--model", "humo_tiny.safetensors", "--prompt-embeds", str(humo_files["prompt_embeds"]),
@@ -355,3 +286,14 @@ def test_cli_runs_humo_from_a_models_folder_at_29_97_fps(humo_files, tmp_path, c
     assert "with HuMo" in text and "demo model" not in text
     info = probe_video(out)
     assert info.num_frames == 11 and info.fps == fps
+
+
+def test_retune_gives_a_loaded_generator_new_options(humo_files):
+    """What the ComfyUI nodes rely on to keep one HuMo loaded between runs: new sampling options, the family's
+    defaults for the rest, the same weights."""
+    gen = _generator(humo_files)
+    dit = gen.dit
+    assert FAMILY.retune(gen, _files(humo_files), GenerationOptions(steps=3, guidance="cfg"))
+    assert (gen.options.steps, gen.options.guidance, gen.options.text_scale, gen.options.tau) == (3, "cfg", 7.0, 0.92)
+    assert gen.dit is dit
+    assert not FAMILY.retune(object(), _files(humo_files), GenerationOptions())
