@@ -3,12 +3,14 @@ interruption. Everything else the nodes do is a call into omnisync_core."""
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -27,6 +29,12 @@ log = logging.getLogger("omnisync")
 MODEL_FOLDER = "omnisync"
 DEMO_ENTRY = "omnisync_demo (bundled)"
 FROM_BUNDLE = "from bundle"
+AUTO = "auto"
+# ComfyUI folders that may hold a family's main checkpoint, after models/omnisync (HuMo and Wan ship in
+# diffusion_models; older installs call it unet)
+FAMILY_MODEL_FOLDERS = ("diffusion_models", "unet")
+# ComfyUI's folder for each companion role of omnisync_core.families.base.FOLDERS
+COMPANION_FOLDERS = ("vae", "audio_encoders", "text_encoders", "clip_vision", "model_patches")
 
 
 # --------------------------------------------------------------------------------------------------- model folders
@@ -38,8 +46,8 @@ def register_model_folders() -> None:
     folder_paths.add_model_folder_path(MODEL_FOLDER, default)        # creates the entry or appends the default
     paths, extensions = folder_paths.folder_names_and_paths[MODEL_FOLDER]
     folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | {".safetensors"})
-    for name in ("vae", "audio_encoders"):
-        if name not in folder_paths.folder_names_and_paths:        # older ComfyUI without audio_encoders
+    for name in (*COMPANION_FOLDERS, *FAMILY_MODEL_FOLDERS):
+        if name not in folder_paths.folder_names_and_paths:        # older ComfyUI without audio_encoders ...
             folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
 
 
@@ -47,12 +55,32 @@ def _safetensors(names: list[str]) -> list[str]:
     return [n for n in names if n.lower().endswith(".safetensors")]
 
 
+def _family_models(folder: str) -> list[str]:
+    """The files in ``folder`` whose header is a model family's main checkpoint (HuMo, LatentSync, Wan I2V ...),
+    not every diffusion model the user has."""
+    from ..omnisync_core.families.files import recognise_cached
+
+    names = []
+    for name in _safetensors(folder_paths.get_filename_list(folder)):
+        try:
+            found = recognise_cached(Path(folder_paths.get_full_path(folder, name)))
+        except Exception:       # unreadable or unknown files are simply not offered
+            continue
+        if found.role == "model" and found.family is not None:
+            names.append(name)
+    return names
+
+
 def model_choices() -> list[str]:
-    return [DEMO_ENTRY] + _safetensors(folder_paths.get_filename_list(MODEL_FOLDER))
+    """The bundled demo, everything in models/omnisync, and the family checkpoints in models/diffusion_models."""
+    names = [DEMO_ENTRY] + _safetensors(folder_paths.get_filename_list(MODEL_FOLDER))
+    for folder in FAMILY_MODEL_FOLDERS:
+        names += [n for n in _family_models(folder) if n not in names]
+    return names
 
 
-def part_choices(folder: str) -> list[str]:
-    return [FROM_BUNDLE] + _safetensors(folder_paths.get_filename_list(folder))
+def part_choices(folder: str, first: str = FROM_BUNDLE) -> list[str]:
+    return [first] + _safetensors(folder_paths.get_filename_list(folder))
 
 
 def resolve_model(name: str) -> Path:
@@ -61,11 +89,22 @@ def resolve_model(name: str) -> Path:
             raise InputError(f"The bundled demo model is not installed (expected at {DEMO_MODEL}); put an OmniSync "
                              f"model in models/{MODEL_FOLDER} and choose it instead.")
         return DEMO_MODEL
-    path = folder_paths.get_full_path(MODEL_FOLDER, name)
-    if path is None:
-        raise InputError(f"OmniSync model {name!r} was not found in models/{MODEL_FOLDER} "
-                         f"({', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))}).")
-    return Path(path)
+    for folder in (MODEL_FOLDER, *FAMILY_MODEL_FOLDERS):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return Path(path)
+    raise InputError(f"model {name!r} was not found in models/{MODEL_FOLDER} "
+                     f"({', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))}) nor in models/diffusion_models.")
+
+
+def model_index():
+    """omnisync_core's index of ComfyUI's own model folders (every path extra_model_paths.yaml adds too)."""
+    from ..omnisync_core.families.base import FOLDERS
+    from ..omnisync_core.families.files import ModelIndex
+
+    names = dict.fromkeys(f for fs in FOLDERS.values() for f in fs if f in folder_paths.folder_names_and_paths)
+    return ModelIndex.from_folders({n: [Path(p) for p in folder_paths.get_folder_paths(n)] for n in names},
+                                   "ComfyUI's models")
 
 
 def resolve_part(folder: str, name: str) -> Path:
@@ -171,6 +210,108 @@ class OmniSyncModel:
     def default(self, key: str, value: Any, fallback: Any, unset: Any = 0) -> Any:
         """``value``, or the model's default for ``key`` when the user left the widget at ``unset``."""
         return self.defaults.get(key, fallback) if value == unset else value
+
+    window_rule = "4k+1"
+
+    def window_length(self, fps, requested: int = 0) -> int:
+        return int(requested or self.defaults.get("window", 81))
+
+
+_LOADED: dict = {}      # one family generator at a time, by what it was loaded from
+
+
+def _conditioning_key(conditioning) -> Optional[str]:
+    """A digest of ComfyUI CONDITIONING's tensors: the same prompt encoded again gives the same key."""
+    if conditioning is None:
+        return None
+    digest = hashlib.sha1()
+    for part in conditioning:
+        while isinstance(part, (list, tuple)) and part:
+            part = part[0]
+        if isinstance(part, torch.Tensor):
+            digest.update(str((tuple(part.shape), part.dtype)).encode())
+            digest.update(part.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class FamilyModel:
+    """The OMNISYNC_MODEL socket for the model families other than OmniSync's own (HuMo, LatentSync,
+    InfiniteTalk): the files and the memory plan. The weights load on first use through the family
+    (``family.load``) and stay loaded, for the next node and the next run, while the same files, text and plan are
+    asked for (one family model at a time: another one frees it); other sampling settings are given to the loaded
+    generator (``family.retune``). While it loads and runs, ComfyUI's own models leave the GPU; the family places
+    its models as the plan says (offload, fp8, block swap)."""
+
+    name: str
+    family: Any
+    files: Any
+    plan: Any
+    defaults: dict
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.plan.dtype
+
+    @property
+    def key(self) -> tuple:
+        f = self.files
+        return (self.family.name, str(f.model), tuple(sorted((k, str(v)) for k, v in f.companions.items())),
+                f.prompt, f.negative_prompt, str(f.prompt_embeds), _conditioning_key(f.conditioning),
+                self.plan.describe())
+
+    def load(self, *parts: str) -> torch.device:
+        """Make room on the device: ComfyUI's own models go back to the host while a family model runs."""
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+        return self.device
+
+    def offload(self, *parts: str) -> None:
+        """The family keeps its own models where its plan says."""
+
+    default = OmniSyncModel.default
+
+    @property
+    def window_rule(self) -> str:
+        return self.family.window_rule
+
+    def window_length(self, fps, requested: int = 0) -> int:
+        return self.family.window_length(fps_fraction(fps), int(requested) or None, self.files)
+
+    def options(self, sampler=None):
+        from ..omnisync_core.families.base import GenerationOptions
+
+        if sampler is None:
+            return GenerationOptions()
+        guidance = None if sampler.guidance == AUTO else sampler.guidance
+        return GenerationOptions(steps=int(sampler.steps), tau=float(sampler.tau), guidance=guidance)
+
+    def generator(self, sampler=None, step_callback=None):
+        """The family's window generator, loaded once and given the ``sampler``'s options (the stages that do
+        not sample, given none, keep what it has)."""
+        options, key = self.options(sampler), self.key
+        generator = _LOADED.get(key)
+        if generator is None or (sampler is not None and not self.family.retune(generator, self.files, options)):
+            release_family_models()
+            self.load()
+            notice = self.family.notice_for(self.files)
+            if notice:
+                log.warning("OmniSync: %s", notice)
+            generator = self.family.load(self.files, self.plan, options)
+            _LOADED[key] = generator
+        generator.step_callback = step_callback
+        return generator
+
+
+def release_family_models() -> None:
+    """Free the loaded family model's weights."""
+    _LOADED.clear()
+    gc.collect()
+    mm.soft_empty_cache()
 
 
 # ------------------------------------------------------------------------------------------- progress, interrupts

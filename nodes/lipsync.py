@@ -25,11 +25,11 @@ def _common_inputs() -> list:
                              tooltip="Match the edited face's colours to the source before pasting it back.")]
 
 
-def _setup(model: OmniSyncModel, kw: dict):
+def _setup(model: OmniSyncModel, kw: dict, fps):
     options = lipsync_options(model, length_policy=kw["length_policy"], detector=kw["detector"],
                               face_index=kw["face_index"], box=kw["box"], crop_size=kw["crop_size"],
                               crop_margin=kw["crop_margin"], window=kw["window"], overlap=kw["overlap"],
-                              seed=kw["seed"], color_match=kw["color_match"])
+                              seed=kw["seed"], color_match=kw["color_match"], fps=fps)
     sampler = sampler_options(model, steps=kw["steps"], tau=kw["tau"], guidance=kw["guidance"])
     return options, sampler
 
@@ -43,7 +43,8 @@ def _total_steps(sampler, options, num_video_frames: int, samples, rate, fps) ->
     runs = len(truncate_sigmas(flow_sigmas(sampler.steps, sampler.shift), sampler.tau)) - 1
     audio_frames = AudioTrack.from_samples(samples, rate).num_frames(fps)
     timeline = plan_timeline(max(1, num_video_frames), max(1, audio_frames), options.length_policy)
-    return max(1, runs * len(plan_windows(timeline.num_frames, options.window, options.overlap)))
+    return max(1, runs * len(plan_windows(timeline.num_frames, options.window, options.overlap,
+                                             options.window_rule)))
 
 
 def _reporter(progress: Progress, generator, total_steps: int):
@@ -92,8 +93,8 @@ class OmniSyncLipSync(io.ComfyNode):
     @classmethod
     def execute(cls, model: OmniSyncModel, images, audio, fps: float, **kw) -> io.NodeOutput:
         samples, rate = read_audio(audio)
-        options, sampler = _setup(model, kw)
         rate_fps = read_fps(fps)
+        options, sampler = _setup(model, kw, rate_fps)
         total = _total_steps(sampler, options, images.shape[0], samples, rate, rate_fps)
         progress = Progress(images.shape[0])
         model.load("audio", "dit", "vae")
@@ -137,11 +138,11 @@ class OmniSyncLipSyncVideo(io.ComfyNode):
     @classmethod
     def execute(cls, model: OmniSyncModel, video, audio, filename_prefix: str, **kw) -> io.NodeOutput:
         samples, rate = read_audio(audio)
-        options, sampler = _setup(model, kw)
         progress = Progress()
         source, temporary = _video_path(video)
         try:
             info = probe_video(source)       # core's one-line VideoError for a corrupt or frameless file
+            options, sampler = _setup(model, kw, info.fps)
             height, width = info.display_size
             folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
                 filename_prefix, folder_paths.get_output_directory(), width, height)

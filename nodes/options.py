@@ -8,7 +8,7 @@ from ..omnisync_core.generator import GUIDANCE_MODES, SamplerOptions
 from ..omnisync_core.pipeline import LipSyncOptions
 from ..omnisync_core.sampling import DSCFGParams
 from ..omnisync_core.timeline import DEFAULT_LENGTH_POLICY, LENGTH_POLICIES
-from ._comfy import OmniSyncModel, parse_box
+from ._comfy import AUTO, OmniSyncModel, parse_box
 
 DETECTORS = ["auto", "short", "full", "none"]
 
@@ -52,9 +52,10 @@ def sampler_inputs() -> list:
         io.Int.Input("steps", default=0, min=0, max=200,
                      tooltip="Steps of the full noise schedule; progressive init runs only those below tau. "
                              "0 = the model's default."),
-        io.Combo.Input("guidance", options=list(GUIDANCE_MODES), default="ds-cfg",
-                       tooltip="Audio guidance: ds-cfg (strong on the mouth, early in sampling; the paper's), cfg "
-                               "(one scale everywhere), or none (no unconditional pass: fastest)."),
+        io.Combo.Input("guidance", options=[AUTO, *GUIDANCE_MODES], default=AUTO,
+                       tooltip="Audio guidance: auto (the model's own: ds-cfg for OmniSync, HuMo and InfiniteTalk, "
+                               "LatentSync's plain cfg 1.5), ds-cfg (strong on the mouth, early in sampling; the "
+                               "paper's), cfg (one scale everywhere), or none (no unconditional pass: fastest)."),
     ]
 
 
@@ -90,17 +91,24 @@ def guidance_scale_inputs() -> list:
 
 
 def lipsync_options(model: OmniSyncModel, *, length_policy, detector, face_index, box, crop_size, crop_margin,
-                    window=0, overlap=-1, seed=0, feather=0.1, color_match=False) -> LipSyncOptions:
+                    window=0, overlap=-1, seed=0, feather=0.1, color_match=False, fps=25) -> LipSyncOptions:
+    """The job's options; ``window`` 0 takes the model's (a family trained at a fixed rate: its trained span at
+    ``fps``)."""
     return LipSyncOptions(
-        window=model.default("window", window, 81), overlap=model.default("overlap", overlap, 8, unset=-1),
+        window=model.window_length(fps, window), overlap=model.default("overlap", overlap, 8, unset=-1),
         crop_size=model.default("crop_size", crop_size, 512), crop_margin=float(crop_margin), seed=int(seed),
         length_policy=length_policy, face_index=None if face_index < 0 else int(face_index), box=parse_box(box),
-        feather=float(feather), color_match=bool(color_match))
+        feather=float(feather), color_match=bool(color_match), window_rule=model.window_rule)
 
 
-def sampler_options(model: OmniSyncModel, *, steps=0, tau=0.0, guidance="ds-cfg", omega_peak=4.5, omega_base=1.0,
+def sampler_options(model: OmniSyncModel, *, steps=0, tau=0.0, guidance=AUTO, omega_peak=4.5, omega_base=1.0,
                     gamma=1.5, s_ratio=0.15, floor=1.0, cfg_scale=4.5) -> SamplerOptions:
-    return SamplerOptions(steps=model.default("steps", steps, 50), shift=float(model.defaults.get("shift", 5.0)),
+    """The sampler's settings; 0 / auto take the model's. The DS-CFG shape and cfg_scale are the OmniSync
+    family's knobs; the other families take their own guidance scales (see the README)."""
+    if guidance == AUTO and isinstance(model, OmniSyncModel):
+        guidance = model.defaults.get("guidance", "ds-cfg")
+    shift = model.defaults.get("shift")                  # None: the family picks it (e.g. by crop size)
+    return SamplerOptions(steps=model.default("steps", steps, 50), shift=float(5.0 if shift is None else shift),
                           tau=float(model.default("tau", tau, 0.92, unset=0.0)), guidance=guidance,
                           cfg_scale=float(cfg_scale),
                           ds_cfg=DSCFGParams(omega_base=float(omega_base), omega_peak=float(omega_peak),

@@ -37,7 +37,7 @@ class OmniSyncNoiseInit(io.ComfyNode):
     def execute(cls, model: OmniSyncModel, crops, face_track: FacePlan, tau: float, seed: int, window: int,
                 overlap: int) -> io.NodeOutput:
         tau = float(model.default("tau", tau, 0.92, unset=0.0))
-        window = model.default("window", window, 81)
+        window = model.window_length(face_track.fps, window)
         overlap = model.default("overlap", overlap, 8, unset=-1)
         progress = Progress()
         progress.check()

@@ -109,14 +109,16 @@ def free_port() -> int:
 class ComfyServer:
     """``python main.py --cpu`` headless on a free local port, with this pack and an extra_model_paths.yaml."""
 
-    def __init__(self, root: Path, extra_models: dict[str, Path]):
+    def __init__(self, root: Path, extra_models: dict[str, "Path | list[Path]"]):
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         custom = pack_folder(root)
         yaml_path = root / "extra_model_paths.yaml"
         lines = ["omnisync_test:", f"    custom_nodes: {custom}"]
-        lines += [f"    {key}: {path}" for key, path in extra_models.items()]
+        for key, paths in extra_models.items():          # several folders for one key: a YAML block, one a line
+            paths = paths if isinstance(paths, list) else [paths]
+            lines += [f"    {key}: |"] + [f"        {path}" for path in paths]
         yaml_path.write_text("\n".join(lines) + "\n")
         for name in ("output", "input", "temp", "user"):
             (root / name).mkdir(parents=True, exist_ok=True)

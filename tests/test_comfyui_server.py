@@ -17,18 +17,22 @@ import pytest
 import torch
 
 from comfy_helpers import REPO, ComfyServer, requires_comfyui, temp_root
-from tiny_models import chirp, talking_pattern, write_tiny_bundle
+from test_text_tokenizer import train_spiece
+from tiny_models import (chirp, talking_pattern, write_tiny_bundle, write_tiny_humo, write_tiny_infinitetalk,
+                         write_tiny_latentsync)
 
 pytestmark = requires_comfyui
 
 WORKFLOWS = REPO / "workflows"
-API = sorted((WORKFLOWS / "api").glob("*.json"))
+# the OmniSync-family workflows (run with the tiny bundle and the demo); the HuMo one runs with tiny HuMo files
+FAMILY_WORKFLOWS = {"omnisync_lipsync_humo", "omnisync_lipsync_latentsync", "omnisync_lipsync_infinitetalk"}
+API = sorted(p for p in (WORKFLOWS / "api").glob("*.json") if p.stem not in FAMILY_WORKFLOWS)
 NODE_IDS = ["OmniSyncModelLoader", "OmniSyncAudioEncode", "OmniSyncFaceCrop", "OmniSyncNoiseInit", "OmniSyncSampler",
             "OmniSyncDecode", "OmniSyncPasteBack", "OmniSyncLipSync", "OmniSyncLipSyncVideo"]
 DEMO_ENTRY = "omnisync_demo (bundled)"
 TINY = {"crop_size": 32, "window": 9, "overlap": 2, "steps": 4, "tau": 0.92, "audio_before": 1, "audio_after": 1}
 SOCKETS = {"IMAGE", "AUDIO", "VIDEO", "OMNISYNC_MODEL", "OMNISYNC_AUDIO_EMBEDS", "OMNISYNC_FACE_TRACK",
-           "OMNISYNC_LATENTS", "MASK", "LATENT", "MODEL"}
+           "OMNISYNC_LATENTS", "MASK", "LATENT", "MODEL", "CONDITIONING"}
 
 
 def _write_inputs(folder: Path) -> None:
@@ -46,7 +50,16 @@ def server():
     root = temp_root("omnisync-server-")
     models = root / "extra_models" / "omnisync"
     write_tiny_bundle(models / "tiny.safetensors", defaults=TINY)
-    server = ComfyServer(root, {"omnisync": models})
+    humo = root / "extra_models" / "humo"
+    (root / "spiece").mkdir(parents=True)
+    write_tiny_humo(humo, train_spiece(root / "spiece"))
+    latentsync, infinitetalk = root / "extra_models" / "latentsync", root / "extra_models" / "infinitetalk"
+    write_tiny_latentsync(latentsync)
+    write_tiny_infinitetalk(infinitetalk)
+    folders = {name: [r / name for r in (humo, latentsync, infinitetalk) if (r / name).is_dir()]
+               for name in ("diffusion_models", "vae", "audio_encoders", "text_encoders", "clip_vision",
+                            "model_patches")}
+    server = ComfyServer(root, {"omnisync": models, **folders})
     try:
         server.wait_ready()
         _write_inputs(root / "input")
@@ -74,6 +87,9 @@ def test_server_starts_with_the_pack_and_lists_every_node_with_tooltips(server, 
         assert all(info["output_tooltips"]), node_id
     models = object_info["OmniSyncModelLoader"]["input"]["required"]["model"][1]["options"]
     assert models[0] == DEMO_ENTRY and "tiny.safetensors" in models          # found through extra_model_paths.yaml
+    assert {"humo_tiny.safetensors", "latentsync_tiny.safetensors", "wan_i2v_tiny_fp16.safetensors"} <= set(models)
+    # family checkpoints, by their headers; the adapter patch is a companion, not a model
+    assert "infinitetalk_tiny_fp16.safetensors" not in models
     assert object_info["OmniSyncLipSyncVideo"]["output_node"] is True
 
 
@@ -187,6 +203,32 @@ def test_api_workflow_runs_with_the_demo_model(server, path):
     saved = _outputs(entry)
     assert len(saved) == 1, entry["outputs"]
     assert _check_video(server, saved[0], folder / "speech.wav") > 0
+
+
+@pytest.mark.parametrize("name, shipped, tiny, loader, logged", [
+    ("humo", "humo_1.7B_fp16.safetensors", "humo_tiny.safetensors", {}, "HuMo tiny"),
+    ("latentsync", "latentsync_unet.safetensors", "latentsync_tiny.safetensors", {}, "LatentSync UNet"),
+    ("infinitetalk", "wan2.1_i2v_480p_14B_fp8_scaled.safetensors", "wan_i2v_tiny_fp16.safetensors",
+     {"swap_blocks": 1}, "Wan2.1 I2V")])
+def test_family_workflow_runs_with_tiny_files(server, name, shipped, tiny, loader, logged):
+    """workflows/api/omnisync_lipsync_<family>.json as shipped, with the family's tiny checkpoint in
+    diffusion_models and its companions (VAE, audio encoder, umT5 with its sentencepiece embedded, CLIP vision,
+    the InfiniteTalk patch) found by the loader in ComfyUI's folders by their contents; the prompt is encoded by
+    the loader. Small crops keep it quick on the CPU; the windows are the family's own (0 / -1) but HuMo's."""
+    prompt = json.loads((WORKFLOWS / "api" / f"omnisync_lipsync_{name}.json").read_text())
+    for node in prompt.values():
+        if node["class_type"] == "OmniSyncModelLoader":
+            assert node["inputs"]["model"] == shipped
+            node["inputs"].update(model=tiny, **loader)
+        if node["class_type"] == "OmniSyncLipSyncVideo":
+            node["inputs"].update(steps=2, crop_size=64, detector="none", box="40,24,88,72")
+            if name == "humo":
+                node["inputs"].update(window=9, overlap=2)
+    entry = server.run_prompt(prompt)
+    saved = _outputs(entry)
+    assert len(saved) == 1, entry["outputs"]
+    assert _check_video(server, saved[0], server.root / "input" / "speech.wav") == 23
+    assert logged in server.tail(200000)
 
 
 # ------------------------------------------------------------------------------------ a server that outlives errors

@@ -273,3 +273,209 @@ def test_cancel_stops_between_steps_and_leaves_no_file(cf, model):
         mm.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(None)
     assert set((cf.root / "output").rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------------------- the HuMo family
+
+HUMO = dict(steps=2, guidance="auto", tau=0.0, window=9, overlap=2, color_match=False, seed=3,
+            **{**FACE, "crop_size": 64})
+
+
+@pytest.fixture(scope="module")
+def humo(cf):
+    """Tiny random HuMo files in ComfyUI's folders (added the way extra_model_paths.yaml adds them), a umT5 with
+    its sentencepiece model embedded, and the loader's model for them."""
+    from test_text_tokenizer import train_spiece
+    from tiny_models import write_tiny_humo
+
+    models = cf.root / "humo_models"
+    (cf.root / "spiece").mkdir(exist_ok=True)
+    files = write_tiny_humo(models, train_spiece(cf.root / "spiece"))
+    for folder in ("diffusion_models", "vae", "audio_encoders", "text_encoders"):
+        cf.folder_paths.add_model_folder_path(folder, str(models / folder))
+    return files
+
+
+def _humo_loader(cf, **inputs):
+    base = dict(model="humo_tiny.safetensors", vae="from bundle", audio_encoder="from bundle", precision="fp32",
+                download="", text_encoder="auto", clip_vision="auto", patch="auto", offload="none", fp8=False,
+                swap_blocks=0, prompt="", negative_prompt="")
+    return cf.run("OmniSyncModelLoader", **{**base, **inputs})[0]
+
+
+def test_loader_offers_and_resolves_the_humo_family(cf, humo, capsys):
+    schema = cf.node("OmniSyncModelLoader").define_schema()
+    choices = next(i for i in schema.inputs if i.id == "model").options
+    assert "humo_tiny.safetensors" in choices and choices[0] == "omnisync_demo (bundled)"
+    loaded = _humo_loader(cf)
+    assert loaded.family.name == "humo" and loaded.files.recognition.label.startswith("HuMo")
+    assert {r: p.name for r, p in loaded.files.companions.items()} == {
+        "vae": "wan_tiny_vae.safetensors", "audio_encoder": "whisper_tiny_hf.safetensors",
+        "text_encoder": "umt5_tiny.safetensors"}
+    assert "HuMo" in capsys.readouterr().out
+    errors = cf.core("errors")
+    with pytest.raises(errors.InputError, match="takes no text"):
+        cf.run("OmniSyncModelLoader", model="tiny.safetensors", vae="from bundle", audio_encoder="from bundle",
+               precision="auto", download="", positive=[[torch.zeros(1, 4, 32), {}]],
+               negative=[[torch.zeros(1, 4, 32), {}]])
+    with pytest.raises(errors.InputError, match="both positive and negative"):
+        _humo_loader(cf, positive=[[torch.zeros(1, 4, 32), {}]])
+
+
+@pytest.mark.filterwarnings("ignore:No face was found")
+def test_humo_runs_in_one_node_granular_and_streaming_at_29_97_fps(cf, humo):
+    """The one-node lip sync with HuMo keeps a 29.97 fps clip's frame count and rate (HuMo runs at 25 fps inside)
+    and every pixel outside the crop; the granular stages give the same frames; the streaming node writes the
+    file; a second run with other settings reuses the loaded weights."""
+    model = _humo_loader(cf)
+    fps = float(Fraction(30000, 1001))
+    frames = talking_pattern(11)
+    audio = {"waveform": chirp(11 / fps, channels=1).unsqueeze(0), "sample_rate": RATE}
+    images, out_audio, count, out_fps = cf.run("OmniSyncLipSync", model=model, images=frames, audio=audio, fps=fps,
+                                               length_policy="video",
+                                               **{k: v for k, v in HUMO.items() if k != "length_policy"}).args
+    assert count == images.shape[0] == 11 and out_fps == fps
+    changed = (images != frames).any(-1).any(0)
+    assert changed.any() and not (changed & ~_crop_footprint(cf, frames)).any()
+    loaded = cf.pack.nodes._comfy._LOADED
+    generator = next(iter(loaded.values()))
+    # granular, same settings: the same frames, from the same loaded generator
+    embeds, _ = cf.run("OmniSyncAudioEncode", model=model, audio=audio, fps=fps).args
+    crops, track, n = cf.run("OmniSyncFaceCrop", model=model, images=frames, audio_embeds=embeds,
+                             **{**FACE, "crop_size": 64, "length_policy": "video"}).args
+    latents = cf.run("OmniSyncNoiseInit", model=model, crops=crops, face_track=track, tau=0.0, seed=3, window=9,
+                     overlap=2)[0]
+    sampled = cf.run("OmniSyncSampler", model=model, latents=latents, audio_embeds=embeds, face_track=track,
+                     steps=2, guidance="auto", omega_peak=4.5, omega_base=1.0, gamma=1.5, s_ratio=0.15, floor=1.0,
+                     cfg_scale=4.5)[0]
+    edited = cf.run("OmniSyncDecode", model=model, latents=sampled)[0]
+    pasted = cf.run("OmniSyncPasteBack", images=frames, crops=edited, face_track=track, feather=0.1,
+                    color_match=False)[0]
+    assert n == 11 and torch.allclose(pasted, images, atol=1e-5)
+    assert next(iter(loaded.values())) is generator and generator.options.steps == 2
+    # streaming, other steps: the file has the clip's frames; the weights were not loaded again
+    from comfy_api.latest import InputImpl
+
+    clip = _write_clip(cf.root / "input" / "humo.mp4", frames, Fraction(30000, 1001))
+    result = cf.run("OmniSyncLipSyncVideo", model=model, video=InputImpl.VideoFromFile(str(clip)), audio=audio,
+                    filename_prefix="video/humo", length_policy="video",
+                    **{k: v for k, v in {**HUMO, "steps": 3}.items() if k != "length_policy"})
+    saved = result.ui.as_dict()["images"][0]
+    written, has_audio = _count_frames(cf.root / "output" / saved["subfolder"] / saved["filename"])
+    assert written == result.args[2] == 11 and has_audio and result.args[3] == fps
+    assert next(iter(loaded.values())) is generator and generator.options.steps == 3
+
+
+def _crop_footprint(cf, frames):
+    """Pixels any frame's crop can touch (the paste-back's support), from the job's own plan."""
+    core = cf.core("plan")
+    options = cf.core("pipeline").LipSyncOptions(crop_size=64, box=[40.0, 24.0, 88.0, 72.0], window=9, overlap=2,
+                                                 length_policy="video")
+    track = cf.core("audio.track").AudioTrack.from_samples(chirp(frames.shape[0] / 29.97, channels=1), RATE)
+    source = cf.core("sources").TensorFrames(frames, Fraction(30000, 1001))
+    plan = core.plan_lipsync(track, source, None, options)
+    footprint = torch.zeros(frames.shape[1:3], dtype=torch.bool)
+    for t in range(plan.num_frames):
+        x0, y0, x1, y1 = cf.core("face.crop")._footprint(plan.params.frame_from_crop[t], 64, plan.frame_hw, pad=0)
+        footprint[y0:y1, x0:x1] = True
+    return footprint
+
+
+def test_humo_takes_comfyui_conditioning(cf, humo):
+    """positive / negative CONDITIONING wired into the loader become HuMo's text features, in place of the umT5
+    file's encoding of the prompt."""
+    g = torch.Generator().manual_seed(11)
+    pos, neg = torch.randn(1, 6, 32, generator=g), torch.randn(1, 4, 32, generator=g)
+    model = _humo_loader(cf, positive=[[pos, {"pooled_output": None}]], negative=[[neg, {}]])
+    generator = model.generator()
+    assert torch.equal(generator.positive, pos) and torch.equal(generator.negative, neg)
+    errors = cf.core("errors")
+    wrong = _humo_loader(cf, positive=[[torch.zeros(1, 4, 48), {}]], negative=[[torch.zeros(1, 4, 48), {}]])
+    with pytest.raises(errors.InputError, match="48-wide"):
+        wrong.generator()
+
+
+# ------------------------------------------------------------------------------------- the LatentSync family
+
+@pytest.fixture(scope="module")
+def latentsync(cf):
+    """Tiny random LatentSync files (UNet3D, Whisper, SD VAE) in ComfyUI's folders."""
+    from tiny_models import write_tiny_latentsync
+
+    models = cf.root / "latentsync_models"
+    files = write_tiny_latentsync(models)
+    for folder in ("diffusion_models", "vae", "audio_encoders"):
+        cf.folder_paths.add_model_folder_path(folder, str(models / folder))
+    return files
+
+
+@pytest.mark.filterwarnings("ignore:No face was found")
+def test_latentsync_runs_in_one_node_and_granular_with_its_16_frame_windows(cf, latentsync):
+    """LatentSync through the nodes: the loader finds its VAE and Whisper, window 0 / overlap -1 take its 16-frame
+    windows back to back (the last one padded), a 29.97 fps clip keeps its frame count and rate, no pixel outside
+    the crop changes, and the granular stages give the one-node's frames."""
+    model = _humo_loader(cf, model="latentsync_tiny.safetensors")
+    assert model.family.name == "latentsync" and model.window_rule == "any"
+    assert {r: p.name for r, p in model.files.companions.items()} == {
+        "vae": "sd_vae_tiny.safetensors", "audio_encoder": "latentsync_whisper_tiny.safetensors"}
+    fps = float(Fraction(30000, 1001))
+    frames = talking_pattern(21)
+    audio = {"waveform": chirp(21 / fps, channels=1).unsqueeze(0), "sample_rate": RATE}
+    settings = dict(steps=2, guidance="auto", tau=0.0, window=0, overlap=-1, color_match=False, seed=3,
+                    **{**FACE, "crop_size": 64, "length_policy": "video"})
+    images, _, count, out_fps = cf.run("OmniSyncLipSync", model=model, images=frames, audio=audio, fps=fps,
+                                       **settings).args
+    assert count == images.shape[0] == 21 and out_fps == fps
+    changed = (images != frames).any(-1).any(0)
+    assert changed.any() and not (changed & ~_crop_footprint(cf, frames)).any()
+    embeds, _ = cf.run("OmniSyncAudioEncode", model=model, audio=audio, fps=fps).args
+    crops, track, _ = cf.run("OmniSyncFaceCrop", model=model, images=frames, audio_embeds=embeds,
+                             **{**FACE, "crop_size": 64, "length_policy": "video"}).args
+    latents = cf.run("OmniSyncNoiseInit", model=model, crops=crops, face_track=track, tau=0.0, seed=3, window=0,
+                     overlap=-1)[0]
+    assert [(w.start, w.stop) for w in latents.plan.windows] == [(0, 16), (16, 21)]
+    sampled = cf.run("OmniSyncSampler", model=model, latents=latents, audio_embeds=embeds, face_track=track,
+                     steps=2, guidance="auto", omega_peak=4.5, omega_base=1.0, gamma=1.5, s_ratio=0.15, floor=1.0,
+                     cfg_scale=4.5)[0]
+    edited = cf.run("OmniSyncDecode", model=model, latents=sampled)[0]
+    pasted = cf.run("OmniSyncPasteBack", images=frames, crops=edited, face_track=track, feather=0.1,
+                    color_match=False)[0]
+    assert torch.allclose(pasted, images, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- the InfiniteTalk family
+
+@pytest.fixture(scope="module")
+def infinitetalk(cf):
+    """Tiny random InfiniteTalk files (Wan I2V base, adapter patch, CLIP vision, wav2vec2, Wan VAE) in ComfyUI's
+    folders."""
+    from tiny_models import write_tiny_infinitetalk
+
+    models = cf.root / "infinitetalk_models"
+    files = write_tiny_infinitetalk(models)
+    for folder in ("diffusion_models", "model_patches", "clip_vision", "vae", "audio_encoders"):
+        cf.folder_paths.add_model_folder_path(folder, str(models / folder))
+    return files
+
+
+@pytest.mark.filterwarnings("ignore:No face was found")
+def test_infinitetalk_runs_from_its_base_patch_and_comfyui_conditioning(cf, infinitetalk):
+    """InfiniteTalk through the nodes: the loader pairs the Wan I2V base with its adapter from model_patches and
+    finds CLIP vision, wav2vec2 and the VAE; the text comes from ComfyUI's CONDITIONING; a 29.97 fps clip keeps its
+    frame count and rate and every pixel outside the crop."""
+    g = torch.Generator().manual_seed(12)
+    pos, neg = torch.randn(1, 6, 32, generator=g), torch.randn(1, 4, 32, generator=g)
+    model = _humo_loader(cf, model="wan_i2v_tiny_fp16.safetensors", positive=[[pos, {}]], negative=[[neg, {}]])
+    assert model.family.name == "infinitetalk"
+    assert {r: p.name for r, p in model.files.companions.items()} == {
+        "patch": "infinitetalk_tiny_fp16.safetensors", "clip_vision": "clip_tiny.safetensors",
+        "audio_encoder": "wav2vec2_tiny.safetensors", "vae": "wan_tiny_vae.safetensors"}
+    fps = float(Fraction(30000, 1001))
+    frames = talking_pattern(11)
+    audio = {"waveform": chirp(11 / fps, channels=1).unsqueeze(0), "sample_rate": RATE}
+    images, _, count, out_fps = cf.run("OmniSyncLipSync", model=model, images=frames, audio=audio, fps=fps,
+                                       length_policy="video",
+                                       **{k: v for k, v in HUMO.items() if k != "length_policy"}).args
+    assert count == images.shape[0] == 11 and out_fps == fps
+    changed = (images != frames).any(-1).any(0)
+    assert changed.any() and not (changed & ~_crop_footprint(cf, frames)).any()

@@ -18,11 +18,14 @@ VIDEO, SPEECH, MODEL = "face.mp4", "speech.wav", "omnisync_demo (bundled)"
 
 # Socket (non-widget) types; everything else is a widget.
 SOCKETS = {"IMAGE", "AUDIO", "VIDEO", "OMNISYNC_MODEL", "OMNISYNC_AUDIO_EMBEDS", "OMNISYNC_FACE_TRACK",
-           "OMNISYNC_LATENTS"}
+           "OMNISYNC_LATENTS", "CONDITIONING"}
+HUMO_MODEL = "humo_1.7B_fp16.safetensors"
+LATENTSYNC_MODEL = "latentsync_unet.safetensors"                      # what omnisync download latentsync-1.6 writes
+INFINITETALK_MODEL = "wan2.1_i2v_480p_14B_fp8_scaled.safetensors"
 FACE = [("length_policy", "COMBO", "pingpong"), ("detector", "COMBO", "auto"), ("face_index", "INT", -1),
         ("box", "STRING", ""), ("crop_size", "INT", 0), ("crop_margin", "FLOAT", 0.3)]
 WINDOW = [("window", "INT", 0), ("overlap", "INT", -1)]
-SAMPLER = [("steps", "INT", 0), ("guidance", "COMBO", "ds-cfg")]
+SAMPLER = [("steps", "INT", 0), ("guidance", "COMBO", "auto")]
 COMMON = [("seed", "INT", 0), *SAMPLER, ("tau", "FLOAT", 0.0), *FACE, *WINDOW, ("color_match", "BOOLEAN", False)]
 
 # node type -> (inputs in schema order as (name, type, default), outputs as (name, type))
@@ -36,7 +39,12 @@ SPECS = {
                    ("format", "COMBO", "auto"), ("codec", "COMBO", "auto")], []),
     "OmniSyncModelLoader": ([("model", "COMBO", MODEL), ("vae", "COMBO", "from bundle"),
                              ("audio_encoder", "COMBO", "from bundle"), ("precision", "COMBO", "auto"),
-                             ("download", "STRING", "")], [("model", "OMNISYNC_MODEL")]),
+                             ("download", "STRING", ""), ("text_encoder", "COMBO", "auto"),
+                             ("clip_vision", "COMBO", "auto"), ("patch", "COMBO", "auto"),
+                             ("offload", "COMBO", "none"), ("fp8", "BOOLEAN", False), ("swap_blocks", "INT", 0),
+                             ("prompt", "STRING", ""), ("negative_prompt", "STRING", ""),
+                             ("positive", "CONDITIONING", None), ("negative", "CONDITIONING", None)],
+                            [("model", "OMNISYNC_MODEL")]),
     "OmniSyncAudioEncode": ([("model", "OMNISYNC_MODEL", None), ("audio", "AUDIO", None), ("fps", "FLOAT", 25.0)],
                             [("audio_embeds", "OMNISYNC_AUDIO_EMBEDS"), ("frame_count", "INT")]),
     "OmniSyncFaceCrop": ([("model", "OMNISYNC_MODEL", None), ("images", "IMAGE", None),
@@ -63,7 +71,7 @@ SPECS = {
                               ("filename_prefix", "STRING", "video/OmniSync"), *COMMON],
                              [("video", "VIDEO"), ("audio", "AUDIO"), ("frame_count", "INT"), ("fps", "FLOAT")]),
 }
-OPTIONAL = {("CreateVideo", "audio")}
+OPTIONAL = {("CreateVideo", "audio"), ("OmniSyncModelLoader", "positive"), ("OmniSyncModelLoader", "negative")}
 SEEDS = {"seed"}                       # widgets with a "control after generate" companion in the UI
 UPLOAD_EXTRA = {"LoadVideo": ["image"], "LoadAudio": [None, None]}   # the upload widgets' placeholders
 
@@ -215,8 +223,50 @@ def long_video() -> Graph:
     return g
 
 
+def humo() -> Graph:
+    g = Graph("OmniSync: real faces with HuMo 1.7B (omnisync download humo-1.7b)")
+    video = g.add("LoadVideo", (0, 0), (300, 320), title="Video to lip-sync (any length, any fps)")
+    speech = g.add("LoadAudio", (0, 360), (300, 140), title="New speech")
+    model = g.add("OmniSyncModelLoader", (340, 0), (340, 520), title="HuMo 1.7B (+ Wan VAE, Whisper, umT5)",
+                  model=HUMO_MODEL)
+    sync = g.add("OmniSyncLipSyncVideo", (720, 0), (380, 640), filename_prefix="video/OmniSync_humo")
+    g.connect(model, "model", sync, "model")
+    g.connect(video, "VIDEO", sync, "video")
+    g.connect(speech, "AUDIO", sync, "audio")
+    return g
+
+
+def latentsync() -> Graph:
+    g = Graph("OmniSync: real faces with LatentSync 1.6 on an 8 GB card (omnisync download latentsync-1.6)")
+    video = g.add("LoadVideo", (0, 0), (300, 320), title="Video to lip-sync (any length, any fps)")
+    speech = g.add("LoadAudio", (0, 360), (300, 140), title="New speech")
+    model = g.add("OmniSyncModelLoader", (340, 0), (340, 520), title="LatentSync 1.6 (+ SD VAE, Whisper tiny)",
+                  model=LATENTSYNC_MODEL)
+    sync = g.add("OmniSyncLipSyncVideo", (720, 0), (380, 640), filename_prefix="video/OmniSync_latentsync")
+    g.connect(model, "model", sync, "model")
+    g.connect(video, "VIDEO", sync, "video")
+    g.connect(speech, "AUDIO", sync, "audio")
+    return g
+
+
+def infinitetalk() -> Graph:
+    g = Graph("OmniSync: InfiniteTalk 14B on a 24 GB card: fp8 weights, 10 blocks swapped (omnisync download "
+              "infinitetalk)")
+    video = g.add("LoadVideo", (0, 0), (300, 320), title="Video to lip-sync (any length, any fps)")
+    speech = g.add("LoadAudio", (0, 360), (300, 140), title="New speech")
+    model = g.add("OmniSyncModelLoader", (340, 0), (340, 560),
+                  title="Wan2.1 I2V 14B + InfiniteTalk patch (+ CLIP-H, wav2vec2, Wan VAE, umT5)",
+                  model=INFINITETALK_MODEL, offload="model", swap_blocks=10, prompt="a person talking")
+    sync = g.add("OmniSyncLipSyncVideo", (720, 0), (380, 640), filename_prefix="video/OmniSync_infinitetalk")
+    g.connect(model, "model", sync, "model")
+    g.connect(video, "VIDEO", sync, "video")
+    g.connect(speech, "AUDIO", sync, "audio")
+    return g
+
+
 WORKFLOWS = {"omnisync_lipsync_basic": basic, "omnisync_lipsync_granular": granular,
-             "omnisync_lipsync_long_video": long_video}
+             "omnisync_lipsync_long_video": long_video, "omnisync_lipsync_humo": humo,
+             "omnisync_lipsync_latentsync": latentsync, "omnisync_lipsync_infinitetalk": infinitetalk}
 
 
 def main() -> None:
