@@ -214,6 +214,27 @@ def test_batched_passes_equal_one_by_one(humo_files):
     torch.testing.assert_close(one, many, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("offload, swap", [("none", 1), ("sequential", 0)])
+def test_block_swap_and_sequential_offload_equal_the_plain_path(humo_files, offload, swap):
+    """Block swap (the first N blocks from host memory) and sequential offload (every block, one at a time) run the
+    same blocks on copies of the same weights: forced through the copy path on the CPU they give the plain path's
+    window to float tolerance (functional_call on cloned tensors may pick other kernels' blocking)."""
+    from omnisync_core.model.block_swap import BlockSwap
+
+    window = _window(_generator(humo_files, steps=3), 9, Fraction(25))
+    ref = _generator(humo_files, steps=3)(window)
+    plan = FAMILY.memory_plan(torch.device("cpu"), offload=offload, swap_blocks=swap)
+    gen = FAMILY.load(_files(humo_files), plan, GenerationOptions(steps=3))
+    n = gen.dit.config.num_layers if offload == "sequential" else swap
+    assert gen.dit.block_swap.num_swapped == n and "dit" not in gen.parts
+    gen.dit.block_swap = BlockSwap(gen.dit.blocks, n, torch.device("cpu"), place=False, force=True)
+    torch.testing.assert_close(gen(window), ref, atol=1e-5, rtol=0)
+    assert gen.dit.block_swap.fetches > 0
+    with pytest.raises(InputError, match="swapped blocks"):
+        FAMILY.load(_files(humo_files), FAMILY.memory_plan(torch.device("cpu"), swap_blocks=99),
+                    GenerationOptions(steps=3))
+
+
 # ---------------------------------------------------------------- 4. a whole job
 
 def _video(path: Path, frames: torch.Tensor, fps) -> Path:

@@ -37,16 +37,18 @@ FLAGS = {"patch": "--patch", "vae": "--vae", "audio_encoder": "--audio-encoder",
 @dataclass(frozen=True)
 class RemoteFile:
     """A file an opt-in download fetches: where it lives on the Hugging Face Hub and the ComfyUI ``models/``
-    subfolder it goes to (``size``: approximate, for the plan that is printed first)."""
+    subfolder it goes to (``size``: approximate, for the plan that is printed first; ``local_name``: the file's
+    name there, when the Hub's is too generic for a shared folder, e.g. diffusers' ``diffusion_pytorch_model``)."""
 
     repo: str
     path: str            # inside the repo
     folder: str
     size: str
+    local_name: str = ""
 
     @property
     def name(self) -> str:
-        return self.path.rsplit("/", 1)[-1]
+        return self.local_name or self.path.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,7 @@ class HumoDiT(nn.Module):
         self.blocks = nn.ModuleList(HumoBlock(c) for _ in range(c.num_layers))
         self.head = Head(c)
         self.audio_proj = AudioProj(c)
+        self.block_swap = None          # a BlockSwap runs the blocks it holds from host memory
         self.init_weights()
 
     def init_weights(self):
@@ -281,8 +282,10 @@ class HumoDiT(nn.Module):
         context = self.embed_text(text, b)
         a_tokens = self.audio_proj(audio)
         freqs = rope_freqs(c.head_dim, grid, device=x.device)
-        for blk in self.blocks:
-            tokens = blk(tokens, e0, freqs, context, a_tokens, grid[0])
+        swap = self.block_swap
+        for i, blk in enumerate(self.blocks):
+            args = (tokens, e0, freqs, context, a_tokens, grid[0])
+            tokens = blk(*args) if swap is None else swap.run(i, blk, *args)
         n_video = (t // pt) * grid[1] * grid[2]
         y = self.head(tokens[:, :n_video], e)
         y = rearrange(y, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
