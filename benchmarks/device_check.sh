@@ -12,6 +12,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 echo "== one window per family (real size, bf16)"
 timeout 300 "$PY" benchmarks/family_window.py --repeats 3 --families omnisync humo latentsync
 timeout 150 "$PY" benchmarks/family_window.py --repeats 2 --families infinitetalk
+echo "== InfiniteTalk 14B with 20 of its 40 blocks swapped to host memory"
+timeout 150 "$PY" benchmarks/family_window.py --repeats 2 --families infinitetalk --swap-blocks 20
 echo "== the example lip sync on CUDA"
 timeout 60 "$PY" -m omnisync_core.cli lipsync --video examples/face.mp4 --audio examples/speech.wav \
     --out "${OUT:-/tmp}/device_example.mp4" --device cuda

@@ -2,6 +2,7 @@
 shape, times the guidance passes and steps of the family's defaults.
 
     .venv/bin/python benchmarks/family_window.py [--families omnisync humo latentsync infinitetalk] [--repeats 3]
+        [--swap-blocks N]      (InfiniteTalk: the first N blocks in host memory; the peak VRAM then counts)
 
 On a GPU (bf16, SDPA) it builds each model at its released size and the window at its real size (HuMo 1.7B: 97
 frames at 25 fps, 480² crop; LatentSync 1.6: 16 frames at 512²; InfiniteTalk 14B: 81 frames at 512²) and prints
@@ -120,12 +121,19 @@ def _flops(forward) -> float:
 
 
 @torch.no_grad()
-def measure(name: str, device: torch.device, dtype: torch.dtype, full: bool, repeats: int) -> dict:
+def measure(name: str, device: torch.device, dtype: torch.dtype, full: bool, repeats: int, swap: int = 0) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model, forward, frames, fps, plan = FAMILIES[name](device, dtype, full)
     params = sum(p.numel() for p in model.parameters())
+    if swap:                          # the first `swap` blocks to (pinned) host memory; the peak counts from here
+        if not hasattr(model, "set_block_swap"):
+            raise SystemExit(f"--swap-blocks: the {name} benchmark model has no block swap")
+        model.set_block_swap(swap, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     forward()                                                   # warm-up (kernels, allocator)
     _sync(device)
     times = []
@@ -139,7 +147,7 @@ def measure(name: str, device: torch.device, dtype: torch.dtype, full: bool, rep
     window = step * plan["steps"] * plan["passes"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del model
-    return {"family": name, "params": params, "frames": frames, "forward_s": step, "window_s": window,
+    return {"family": name + (f" swap {swap}" if swap else ""), "params": params, "frames": frames, "forward_s": step, "window_s": window,
             "s_per_output_s": window / (frames / fps), "peak_vram_gib": peak, "tflops": flops / step / 1e12,
             **plan}
 
@@ -150,6 +158,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reduced", action="store_true", help="the reduced size even on a GPU")
+    parser.add_argument("--swap-blocks", type=int, default=0,
+                        help="keep this many transformer blocks in host memory (InfiniteTalk's block swap)")
     args = parser.parse_args()
     device = torch.device(args.device)
     full = device.type == "cuda" and not args.reduced
@@ -160,7 +170,7 @@ def main() -> None:
           f"{'s / out s':>11}{'VRAM GiB':>10}{'TFLOP/s':>9}")
     for name in args.families:
         try:
-            r = measure(name, device, dtype, full, args.repeats)
+            r = measure(name, device, dtype, full, args.repeats, args.swap_blocks)
         except torch.cuda.OutOfMemoryError:
             print(f"{name:<13} out of GPU memory at this size")
             continue

@@ -1,6 +1,6 @@
 """Peak memory of a lip sync against clip length: constant memory means the same peak for 10 s and for 10 min.
 
-    .venv/bin/python benchmarks/memory.py [--seconds 10 240 600] [--steps 8] [--model PATH] [--node]
+    .venv/bin/python benchmarks/memory.py [--seconds 10 240 600] [--steps 8] [--model PATH] [--node [--node-only]]
 
 It makes a talking-head clip of each length (the bundled example face, ``examples/face.mp4``, looped at 15 fps, and
 the example speech looped to the same length), lip-syncs it with the bundled demo model and the real face analyzer
@@ -159,13 +159,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", help="a model bundle (default: the bundled demo model)")
     parser.add_argument("--node", action="store_true", help="also run the streaming node in a real ComfyUI")
+    parser.add_argument("--node-only", action="store_true", help="with --node: skip the CLI runs")
     parser.add_argument("--comfy-python", default=os.environ.get("COMFY_PYTHON", "/work/comfy-venv/bin/python"))
     args = parser.parse_args()
     lengths = sorted(args.seconds)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        report([run_cli(folder, s, args.steps, args.model, args.threads) for s in lengths],
-               f"omnisync lipsync, demo model, real face analyzer, --steps {args.steps}")
+        if not (args.node and args.node_only):
+            report([run_cli(folder, s, args.steps, args.model, args.threads) for s in lengths],
+                   f"omnisync lipsync, demo model, real face analyzer, --steps {args.steps}")
         if args.node:
             if not os.environ.get("COMFYUI_PATH"):
                 sys.exit("--node needs COMFYUI_PATH (a ComfyUI checkout) and its venv's python (--comfy-python)")
