@@ -216,6 +216,12 @@ class OmniSyncModel:
     def window_length(self, fps, requested: int = 0) -> int:
         return int(requested or self.defaults.get("window", 81))
 
+    def steps_per_window(self, sampler) -> int:
+        """Sampler steps one window runs: the schedule's steps below tau."""
+        from ..omnisync_core.sampling import flow_sigmas, truncate_sigmas
+
+        return len(truncate_sigmas(flow_sigmas(sampler.steps, sampler.shift), sampler.tau)) - 1
+
 
 _LOADED: dict = {}      # one family generator at a time, by what it was loaded from
 
@@ -278,6 +284,9 @@ class FamilyModel:
     @property
     def window_rule(self) -> str:
         return self.family.window_rule
+
+    def steps_per_window(self, sampler) -> int:
+        return self.family.steps_per_window(self.options(sampler), self.files)
 
     def window_length(self, fps, requested: int = 0) -> int:
         return self.family.window_length(fps_fraction(fps), int(requested) or None, self.files)

@@ -34,17 +34,15 @@ def _setup(model: OmniSyncModel, kw: dict, fps):
     return options, sampler
 
 
-def _total_steps(sampler, options, num_video_frames: int, samples, rate, fps) -> int:
-    """Sampler steps of the whole run (windows x steps below tau), for one progress bar over all of them."""
+def _total_steps(model, sampler, options, num_video_frames: int, samples, rate, fps) -> int:
+    """Sampler steps of the whole run (windows x the model's steps per window), for one progress bar over all."""
     from ..omnisync_core.audio.track import AudioTrack
-    from ..omnisync_core.sampling import flow_sigmas, truncate_sigmas
     from ..omnisync_core.timeline import plan_timeline, plan_windows
 
-    runs = len(truncate_sigmas(flow_sigmas(sampler.steps, sampler.shift), sampler.tau)) - 1
     audio_frames = AudioTrack.from_samples(samples, rate).num_frames(fps)
     timeline = plan_timeline(max(1, num_video_frames), max(1, audio_frames), options.length_policy)
-    return max(1, runs * len(plan_windows(timeline.num_frames, options.window, options.overlap,
-                                             options.window_rule)))
+    windows = plan_windows(timeline.num_frames, options.window, options.overlap, options.window_rule)
+    return max(1, model.steps_per_window(sampler) * len(windows))
 
 
 def _reporter(progress: Progress, generator, total_steps: int):
@@ -95,7 +93,7 @@ class OmniSyncLipSync(io.ComfyNode):
         samples, rate = read_audio(audio)
         rate_fps = read_fps(fps)
         options, sampler = _setup(model, kw, rate_fps)
-        total = _total_steps(sampler, options, images.shape[0], samples, rate, rate_fps)
+        total = _total_steps(model, sampler, options, images.shape[0], samples, rate, rate_fps)
         progress = Progress(images.shape[0])
         model.load("audio", "dit", "vae")
         generator = model.generator(sampler, step_callback=progress.step_bar(total))
@@ -148,7 +146,7 @@ class OmniSyncLipSyncVideo(io.ComfyNode):
                 filename_prefix, folder_paths.get_output_directory(), width, height)
             name = f"{filename}_{counter:05}_.mp4"
             out = os.path.join(folder, name)
-            total = _total_steps(sampler, options, info.num_frames, samples, rate, info.fps)
+            total = _total_steps(model, sampler, options, info.num_frames, samples, rate, info.fps)
             model.load("audio", "dit", "vae")
             generator = model.generator(sampler, step_callback=progress.step_bar(total))
             pipeline = LipSyncPipeline(generator, face_analyzer=face_analyzer(kw["detector"], model.device),

@@ -5,7 +5,6 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..omnisync_core.frames import AudioEmbeds, FacePlan, LatentWindows, decode_latents, init_latents, sample_latents
-from ..omnisync_core.sampling import flow_sigmas, truncate_sigmas
 from ._comfy import OmniSyncModel, Progress
 from .options import guidance_scale_inputs, sampler_inputs, sampler_options, seed_input, tau_input, window_inputs
 from .sockets import CATEGORY, AudioEmbedsType, FaceTrackType, LatentsType, OmniSyncModelType
@@ -75,7 +74,7 @@ class OmniSyncSampler(io.ComfyNode):
         options = sampler_options(model, steps=steps, tau=latents.tau, guidance=guidance, omega_peak=omega_peak,
                                   omega_base=omega_base, gamma=gamma, s_ratio=s_ratio, floor=floor,
                                   cfg_scale=cfg_scale)
-        runs = len(truncate_sigmas(flow_sigmas(options.steps, options.shift), latents.tau)) - 1
+        runs = model.steps_per_window(options)
         editable = sum(1 for w in latents.windows if w.editable)
         progress = Progress()
         model.load("dit", "vae")

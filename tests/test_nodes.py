@@ -467,7 +467,8 @@ def test_infinitetalk_runs_from_its_base_patch_and_comfyui_conditioning(cf, infi
     pos, neg = torch.randn(1, 6, 32, generator=g), torch.randn(1, 4, 32, generator=g)
     model = _humo_loader(cf, model="wan_i2v_tiny_fp16.safetensors", positive=[[pos, {}]], negative=[[neg, {}]])
     assert model.family.name == "infinitetalk"
-    assert {r: p.name for r, p in model.files.companions.items()} == {
+    found = {r: p.name for r, p in model.files.companions.items() if r != "text_encoder"}   # HuMo's umT5 may be
+    assert found == {                                                                   # there: not needed here
         "patch": "infinitetalk_tiny_fp16.safetensors", "clip_vision": "clip_tiny.safetensors",
         "audio_encoder": "wav2vec2_tiny.safetensors", "vae": "wan_tiny_vae.safetensors"}
     fps = float(Fraction(30000, 1001))

@@ -228,6 +228,15 @@ class Family:
         """A window generator for ``files``, with its models placed as ``plan`` says."""
         raise NotImplementedError
 
+    def steps_per_window(self, options: GenerationOptions, files: Optional[ModelFiles] = None) -> int:
+        """Model steps one window runs with ``options`` (for progress bars): the flow schedule's steps below tau
+        (progressive init); a family whose shift is picked later (None) is counted at shift 5."""
+        from ..sampling import flow_sigmas, truncate_sigmas
+
+        opts = options.resolved(self.defaults_for(files))
+        shift = 5.0 if opts.shift is None else float(opts.shift)
+        return len(truncate_sigmas(flow_sigmas(int(opts.steps or 50), shift), float(opts.tau or 1.0))) - 1
+
     def retune(self, generator, files: ModelFiles, options: GenerationOptions) -> bool:
         """Give a loaded ``generator`` other sampling ``options`` without reloading its weights (the ComfyUI
         nodes keep one loaded between runs). True when done; False when it must be loaded anew. This default
