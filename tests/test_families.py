@@ -253,3 +253,32 @@ def test_reinjection_equals_the_noised_source_outside_the_mask_at_every_step():
         assert torch.equal(latent[outside], expect[outside])
         assert not torch.allclose(latent[~outside], expect[~outside])
     assert torch.equal(x[outside], z_src[outside])         # sigma 0 at the end: exactly the source there
+
+
+def test_download_list_names_every_family_download(capsys):
+    assert main(["download", "--list"]) == 0
+    text = capsys.readouterr().out
+    assert "humo-1.7b: HuMo (Apache-2.0), 4 files" in text and "humo_1.7B_fp16.safetensors (3.48 GB)" in text
+    assert main(["download", "humo-1.7b"]) == 2                    # no folder to put the files in: one line
+    assert "--models-dir" in capsys.readouterr().err
+
+
+def test_index_of_several_folders_per_role(tmp_path):
+    """ComfyUI may keep a role's files in several places (extra_model_paths.yaml): the index reads them all, says
+    which subfolder each came from, and ranks the usual folder and file name first."""
+    from omnisync_core.families.base import Companion
+    from omnisync_core.families.files import ModelIndex
+    from omnisync_core.model.vae import WanVAE
+
+    state = {k: v.contiguous() for k, v in WanVAE("tiny").state_dict().items()}
+    first, second, other = tmp_path / "a" / "vae", tmp_path / "b" / "vae", tmp_path / "c" / "checkpoints"
+    for folder, name in ((first, "some_vae.safetensors"), (second, "wan_2.1_vae.safetensors"),
+                         (other, "wan_2.1_vae.safetensors")):
+        folder.mkdir(parents=True)
+        save_file(state, str(folder / name))
+    (first / "junk.safetensors").write_bytes(b"not a safetensors file")
+    index = ModelIndex.from_folders({"vae": [first, second], "checkpoints": [other]}, "ComfyUI's models")
+    assert set(index.folder.values()) == {"vae", "checkpoints"} and list(index.skipped) == [first / "junk.safetensors"]
+    ranked = index.candidates(Companion("vae", ("wan-vae",), "wan_2.1_vae.safetensors"))
+    assert ranked == [second / "wan_2.1_vae.safetensors", first / "some_vae.safetensors",
+                      other / "wan_2.1_vae.safetensors"]

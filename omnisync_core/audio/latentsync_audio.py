@@ -24,12 +24,12 @@ from torch import Tensor
 
 from ..errors import AudioError
 from .align import FpsLike, FrameAligner
-from .features import TOKEN_RATE, TOKEN_SAMPLES, plan_chunks
-from .mel import CHUNK_FRAMES, HOP_LENGTH, log_mel_spectrogram
+from .features import TOKEN_RATE, TOKEN_SAMPLES, ChunkedEncoding, as_speech, plan_chunks
+from .mel import CHUNK_FRAMES, CHUNK_SAMPLES, HOP_LENGTH, log_mel_spectrogram
 from .whisper import WhisperEncoder
 
 __all__ = ["TOKENS_BEFORE", "TOKENS_AFTER", "whisper_layer_stack", "latentsync_audio_features",
-           "latentsync_frame_tokens"]
+           "latentsync_frame_tokens", "log_mel_peak", "LatentSyncAudioTrack"]
 
 TOKENS_BEFORE, TOKENS_AFTER = 4, 5   # audio_feat_length [2, 2]: range(c - 2*2, c + (2+1)*2)
 
@@ -89,3 +89,61 @@ def latentsync_frame_tokens(features: Tensor, num_frames: int, fps: FpsLike, fir
     index = FrameAligner(fps, feature_rate=TOKEN_RATE).window_indices(frames, TOKENS_BEFORE, TOKENS_AFTER,
                                                                       features.shape[0])
     return features[index.to(features.device)].flatten(1, 2)
+
+
+# ---------------------------------------------------------------- the same features in constant memory
+
+def _track_mel(speech, a: int, b: int, n_mels: int) -> Tensor:
+    """Mel frames ``[a, b)`` of the whole track's log-mel (its STFT: centred 400-sample windows, the track's ends
+    reflected), read with two frames of audio before and two and a half after; normalised with the floor of the
+    samples read (the caller applies the whole track's)."""
+    first = max(0, a - 2)
+    x = speech.read(first * HOP_LENGTH, min(speech.num_samples, b * HOP_LENGTH + 400))
+    return log_mel_spectrogram(x, n_mels=n_mels)[:, a - first: b - first]
+
+
+def log_mel_peak(speech, n_mels: int = 80, block: int = CHUNK_SAMPLES) -> float:
+    """The largest log10 mel value of a whole track (what sets upstream's ``max - 8`` floor), read ``block``
+    samples at a time (:func:`_track_mel`), so it is the whole-track log-mel's peak in constant memory."""
+    speech = as_speech(speech)
+    frames = speech.num_samples // HOP_LENGTH
+    if frames < 1:
+        raise AudioError(f"The audio is too short for one mel frame ({speech.num_samples} samples).")
+    step = max(1, block // HOP_LENGTH)
+    return max(4.0 * float(_track_mel(speech, a, min(frames, a + step), n_mels).max()) - 4.0
+               for a in range(0, frames, step))
+
+
+class LatentSyncAudioTrack(ChunkedEncoding):
+    """:func:`latentsync_audio_features` of a whole track, encoded 30 s window by window as the job asks for
+    tokens (two windows cached: ``2 x 1500 x 5 x 384`` floats), so host memory stays constant in the track's
+    length. ``tokens(start, stop)`` gives ``[stop - start, n_layers + 1, d_model]`` float32 on the CPU.
+
+    The windows and kept ranges are :func:`latentsync_audio_features`'s, and so is each window's mel: the frames of
+    the whole track's log-mel (:func:`_track_mel`), with the whole track's floor (``peak - 8``, one cheap pass of
+    :func:`log_mel_peak`) and zeros past the track's end (upstream pads its last segment in the mel domain)."""
+
+    def __init__(self, speech, encoder: WhisperEncoder, context: int = 250,
+                 progress: Optional[Callable[[int, int], None]] = None):
+        speech = as_speech(speech)
+        if speech.num_samples < TOKEN_SAMPLES:
+            raise AudioError(f"The audio is too short for one Whisper token ({speech.num_samples} samples; "
+                             f"{TOKEN_SAMPLES} needed).")
+        self.encoder = encoder
+        self.floor = (log_mel_peak(speech, encoder.config.n_mels) - 4.0) / 4.0   # (peak - 8 + 4) / 4
+        self.mel_frames = speech.num_samples // HOP_LENGTH
+        self._window_start = 0
+        super().__init__(speech, self._encode_window, encoder.config.n_mels, context, progress=progress,
+                         num_tokens=speech.num_samples // TOKEN_SAMPLES)
+
+    def _chunk(self, i: int) -> Tensor:
+        self._window_start = self.chunks[i].start
+        return super()._chunk(i)
+
+    def _encode_window(self, _mel: Tensor) -> Tensor:
+        a = self._window_start * (TOKEN_SAMPLES // HOP_LENGTH)
+        b = min(self.mel_frames, a + CHUNK_FRAMES)
+        mel = _track_mel(self.speech, a, b, self._n_mels).clamp_min(self.floor)
+        mel = F.pad(mel, (0, CHUNK_FRAMES - mel.shape[1]))[None]
+        param = next(self.encoder.parameters())
+        return whisper_layer_stack(self.encoder, mel.to(param.device, param.dtype))

@@ -34,7 +34,8 @@ from .crop import CropParams, _invert
 from .track import FaceTrack
 
 __all__ = ["LEFT_BROW", "RIGHT_BROW", "NOSE", "latentsync_points", "latentsync_template", "latentsync_affines",
-           "latentsync_crop_params", "latentsync_mask", "latent_mask", "mouth_blend_weight", "paste_mouth"]
+           "latentsync_crop_params", "latentsync_points_params", "latentsync_mask", "latent_mask",
+           "mouth_blend_weight", "paste_mouth"]
 
 # MediaPipe Face Mesh indices of FAN-68 points 17-21, 22-26 and 27-35 (LatentSync 1.5, 75a4a17
 # image_processor.py L195-264): the eyebrow on the image's left, the one on its right, the nose.
@@ -112,7 +113,14 @@ def latentsync_crop_params(track: "FaceTrack | Tensor", frame_hw: Optional[tuple
         landmarks = track
         if frame_hw is None:
             raise InputError("frame_hw is needed when landmarks are given without a FaceTrack.")
-    m, _ = latentsync_affines(latentsync_points(landmarks), resolution, smooth, fp16_matrix=fp16_matrix)
+    return latentsync_points_params(latentsync_points(landmarks), frame_hw, resolution, smooth, fp16_matrix)
+
+
+def latentsync_points_params(points: Tensor, frame_hw: tuple[int, int], resolution: int = 512, smooth: bool = True,
+                             fp16_matrix: bool = True) -> CropParams:
+    """:func:`latentsync_crop_params` from the 3 alignment points ``[T, 3, 2]`` (OpenCV's convention, as
+    :func:`latentsync_points` gives them) of images ``frame_hw`` in size."""
+    m, _ = latentsync_affines(points, resolution, smooth, fp16_matrix=fp16_matrix)
     _, (w, h) = latentsync_template(resolution)
     half = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
     unhalf = torch.tensor([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)

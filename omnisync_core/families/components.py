@@ -114,36 +114,6 @@ def _infinitetalk_patch(tensors, metadata) -> Optional[Recognition]:
                        family="infinitetalk")
 
 
-def _latentsync_unet(tensors, metadata) -> Optional[Recognition]:
-    from ..model.latentsync_unet import LATENTSYNC_UNET_PRESETS, is_latentsync_unet, latentsync_config_from_shapes
-
-    sd = shapes_of(tensors)
-    if not is_latentsync_unet(sd):
-        return None
-    try:
-        config = latentsync_config_from_shapes(sd)
-    except OmniSyncError:
-        return None
-    names = {"latentsync-1.6": "LatentSync 1.6 UNet", "latentsync-1.5": "LatentSync 1.5 UNet"}
-    label = next((names[n] for n, c in LATENTSYNC_UNET_PRESETS.items() if c == config and n in names),
-                 "LatentSync UNet")
-    return Recognition("latentsync-unet", "model", label, param_count(sd), family="latentsync")
-
-
-def _wan_i2v(tensors, metadata) -> Optional[Recognition]:
-    from ..model.wan_i2v import is_wan_i2v, wan_i2v_config_from_shapes, wan_i2v_label
-
-    sd = shapes_of(tensors)
-    if not is_wan_i2v(sd):
-        return None
-    try:
-        label = wan_i2v_label(wan_i2v_config_from_shapes(sd))
-    except OmniSyncError:
-        return None
-    return Recognition("wan-i2v", "model", label, param_count(sd), family="infinitetalk",
-                       details="the base of InfiniteTalk: give its adapter with --patch")
-
-
 def _wan_t2v(tensors, metadata) -> Optional[Recognition]:
     from ..model.wan_keys import normalize_wan_state_dict
 
@@ -161,7 +131,7 @@ def _wan_t2v(tensors, metadata) -> Optional[Recognition]:
 
 RECOGNISERS: tuple[Callable[[Mapping, Mapping], Optional[Recognition]], ...] = (
     _sd_vae, _wan_vae, _whisper, _wav2vec2, _umt5, _clip_vision, _infinitetalk_patch,
-    _latentsync_unet, _wan_i2v, _wan_t2v)
+    _wan_t2v)
 
 
 def recognise_component(tensors: Mapping, metadata: Mapping[str, str]) -> Optional[Recognition]:
