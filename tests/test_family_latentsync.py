@@ -188,7 +188,7 @@ def test_download_plan_and_conversion_hook(pickles, tmp_path, capsys):
         ("ByteDance/LatentSync-1.6", "latentsync_unet.pt", "diffusion_models/latentsync_unet.pt"),
         ("ByteDance/LatentSync-1.6", "whisper/tiny.pt", "audio_encoders/tiny.pt"),
         ("stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.safetensors",
-         "vae/diffusion_pytorch_model.safetensors")]
+         "vae/sd-vae-ft-mse.safetensors")]             # diffusers' generic name would clash in a shared vae/
     assert main(["download", "latentsync-1.6", "--models-dir", str(tmp_path), "--dry-run"]) == 0
     assert "ByteDance/LatentSync-1.6/whisper/tiny.pt" in capsys.readouterr().out and not any(tmp_path.iterdir())
 
@@ -213,7 +213,7 @@ def test_download_plan_and_conversion_hook(pickles, tmp_path, capsys):
     got = download("latentsync-1.6", tmp_path, say=lambda line: None, fetch=fake_fetch)
     names = [p.relative_to(tmp_path).as_posix() for p in got]
     assert names == ["diffusion_models/latentsync_unet.safetensors",
-                     "audio_encoders/latentsync_whisper_tiny.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+                     "audio_encoders/latentsync_whisper_tiny.safetensors", "vae/sd-vae-ft-mse.safetensors"]
     assert all(p.is_file() for p in got) and not list(tmp_path.rglob(".*.download"))
     assert recognise(got[1]).role == "audio_encoder" and recognise(got[2]).kind == "sd-vae"
 
@@ -302,6 +302,20 @@ def test_guidance_modes_deepcache_and_batched_cfg(models):
     torch.testing.assert_close(out["two-pass"], out["cfg"], atol=1e-4, rtol=0)      # measured 2.4e-5 here
     with pytest.raises(InputError, match="guidance must be one of"):
         _generator(models, guidance="sometimes")
+
+
+def test_progress_counts_every_ddim_step(models):
+    """DDIM starts from noise and runs all its steps (no tau), so the progress bars count ``steps`` per window,
+    exactly as many as the sampler reports."""
+    assert FAMILY.steps_per_window(GenerationOptions()) == 20
+    assert FAMILY.steps_per_window(GenerationOptions(steps=3, tau=0.5)) == 3
+    seen = []
+    fam, files = resolve_files("latentsync_unet.safetensors", str(models))
+    gen = FAMILY.load(files, FAMILY.memory_plan(torch.device("cpu")), GenerationOptions(steps=3),
+                      step_callback=lambda i, n, x: seen.append((i, n)))
+    window = _window(gen, 4)
+    gen.sample(gen.encode(window), window)
+    assert len(seen) == FAMILY.steps_per_window(GenerationOptions(steps=3)) and seen[-1][1] == 3
 
 
 # ---------------------------------------------------------------- 5. whole jobs

@@ -69,12 +69,13 @@ class LatentSyncFamily(Family):
     defaults = {"steps": 20, "guidance": "cfg", "audio_scale": 1.5, "window": WINDOW, "overlap": 0,
                 "crop_size": 640, "extra": {"deep_cache": True, "batch_cfg": True, "vae_slice": 4,
                                             "mouth_feather": MOUTH_FEATHER}}
-    companions = (Companion("vae", ("sd-vae",), "diffusion_pytorch_model.safetensors"),
+    companions = (Companion("vae", ("sd-vae",), "sd-vae-ft-mse.safetensors"),
                   Companion("audio_encoder", ("whisper-tiny", "whisper"), "latentsync_whisper_tiny.safetensors"))
     downloads = {"latentsync-1.6": (
         RemoteFile("ByteDance/LatentSync-1.6", "latentsync_unet.pt", "diffusion_models", "5.07 GB"),
         RemoteFile("ByteDance/LatentSync-1.6", "whisper/tiny.pt", "audio_encoders", "75.6 MB"),
-        RemoteFile("stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.safetensors", "vae", "335 MB"),
+        RemoteFile("stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.safetensors", "vae", "335 MB",
+                   local_name="sd-vae-ft-mse.safetensors"),
     )}
 
     def recognise(self, tensors: Mapping, metadata: Mapping[str, str]) -> Optional[Recognition]:
@@ -129,6 +130,10 @@ class LatentSyncFamily(Family):
                              f"{unet.config.cross_attention_dim}-wide features (Whisper tiny: "
                              f"latentsync_whisper_tiny.safetensors, from LatentSync's whisper/tiny.pt)")
         return LatentSyncGenerator(unet, vae, whisper, opts, plan, step_callback)
+
+    def steps_per_window(self, options: GenerationOptions, files: Optional[ModelFiles] = None) -> int:
+        """DDIM runs every one of its steps from the shared noise frame (LatentSync inpaints; no tau)."""
+        return int(options.resolved(self.defaults_for(files)).steps or self.defaults["steps"])
 
     def after_download(self, name: str, paths: list[Path], say: Callable[[str], None]) -> list[Path]:
         """Convert the two pickles to safetensors beside them (read weights-only, keys checked strictly against
