@@ -8,7 +8,8 @@ in a fresh process each (``omnisync lipsync``, whose summary reports its peak RS
 ratio of each to the shortest and the growth per second of video. ``--node`` does the same through the streaming
 OmniSync Lip Sync (Video) node in-process in a real ComfyUI (``COMFYUI_PATH`` and its venv's python, see
 scripts/comfyui_test.sh); there the AUDIO input itself is held by the host (4 bytes per sample), which is
-reported and subtracted.
+reported and subtracted, and the peak of the process's anonymous memory (RssAnon, sampled) is printed too: the
+file-backed pages of a CUDA build of torch move the total by tens of MiB from one run to the next.
 """
 
 from __future__ import annotations
@@ -104,7 +105,16 @@ def run_cli(folder: Path, seconds: float, steps: int, model: str | None, threads
 
 
 NODE_CHILD = r"""
-import json, os, resource, sys
+import json, os, resource, sys, threading, time
+def anon_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
+anon_peak = [0.0]
+def sample_anon():
+    while True:
+        anon_peak[0] = max(anon_peak[0], anon_mib())
+        time.sleep(0.005)
+threading.Thread(target=sample_anon, daemon=True).start()
 sys.path.insert(0, os.path.join(os.environ["OMNISYNC_ROOT"], "tests"))
 from comfy_helpers import InProcessComfy, temp_root
 cf = InProcessComfy(temp_root("omnisync-memory-"))
@@ -115,13 +125,15 @@ with av.open(speech) as container:
     rate = container.streams.audio[0].rate
     pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
 wave = torch.from_numpy(pcm.astype(np.float32) / 32768.0).view(1, 1, -1)
+del pcm                                 # the host keeps the AUDIO (subtracted below), not the decoder's int16 copy
 model = cf.run("OmniSyncModelLoader", model="omnisync_demo (bundled)", vae="from bundle",
                audio_encoder="from bundle", precision="auto", download="")[0]
 cf.run("OmniSyncLipSyncVideo", model=model, video=InputImpl.VideoFromFile(clip),
        audio={"waveform": wave, "sample_rate": rate}, filename_prefix="memory/run", seed=0, steps=steps,
        guidance="ds-cfg", tau=0.0, length_policy="pingpong", detector="auto", face_index=-1, box="", crop_size=0,
        crop_margin=0.3, window=0, overlap=-1, color_match=False)
-print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+anon_peak[0] = max(anon_peak[0], anon_mib())
+print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "anon_mib": anon_peak[0],
                   "audio_mib": wave.numel() * 4 / 2**20}))
 """
 
@@ -139,17 +151,21 @@ def run_node(folder: Path, seconds: float, steps: int, python: str) -> dict:
 
     row = json.loads(result.stdout.strip().splitlines()[-1])
     return {"seconds": seconds, "rss_mib": row["rss_mib"] - row["audio_mib"], "host_audio_mib": row["audio_mib"],
-            "wall_s": time.perf_counter() - started}
+            "anon_mib": row["anon_mib"] - row["audio_mib"], "wall_s": time.perf_counter() - started}
 
 
 def report(rows: list[dict], title: str) -> None:
+    """Peaks, their ratio to the shortest clip's, and the growth per video second from the shortest clip and from
+    the previous row (Whisper encodes audio in chunks of up to 30 s, so a clip under 30 s peaks a little lower:
+    the growth between two longer clips is what each second really costs)."""
     first = rows[0]
     print(title)
-    print(f"{'clip s':>7} {'peak RSS MiB':>13} {'ratio':>7} {'MiB per video s':>16} {'wall s':>8}")
-    for row in rows:
-        slope = (row["rss_mib"] - first["rss_mib"]) / (row["seconds"] - first["seconds"]) if row is not first else 0
-        print(f"{row['seconds']:7.0f} {row['rss_mib']:13.1f} {row['rss_mib'] / first['rss_mib']:7.3f} "
-              f"{slope:16.4f} {row['wall_s']:8.1f}")
+    print(f"{'clip s':>7} {'peak MiB':>9} {'ratio':>7} {'MiB/s from first':>17} {'MiB/s from prev':>16} {'wall s':>8}")
+    for previous, row in zip([None, *rows], rows):
+        def slope(base):
+            return (row["rss_mib"] - base["rss_mib"]) / (row["seconds"] - base["seconds"]) if base else 0.0
+        print(f"{row['seconds']:7.0f} {row['rss_mib']:9.1f} {row['rss_mib'] / first['rss_mib']:7.3f} "
+              f"{slope(first if row is not first else None):17.4f} {slope(previous):16.4f} {row['wall_s']:8.1f}")
 
 
 def main() -> None:
@@ -172,8 +188,11 @@ def main() -> None:
             if not os.environ.get("COMFYUI_PATH"):
                 sys.exit("--node needs COMFYUI_PATH (a ComfyUI checkout) and its venv's python (--comfy-python)")
             rows = [run_node(folder, s, args.steps, args.comfy_python) for s in lengths]
-            report(rows, "OmniSync Lip Sync (Video) node in-process (host's AUDIO input subtracted: "
-                         + ", ".join(f"{r['host_audio_mib']:.1f}" for r in rows) + " MiB)")
+            subtracted = ", ".join(f"{r['host_audio_mib']:.1f}" for r in rows)
+            report(rows, f"OmniSync Lip Sync (Video) node in-process (host's AUDIO input subtracted: {subtracted} MiB)")
+            # a CUDA build of torch maps ~0.5 GB of libraries whose resident pages vary from run to run by tens of
+            # MiB; the process's own (anonymous) memory, sampled every 5 ms, shows the growth without that noise
+            report([dict(r, rss_mib=r["anon_mib"]) for r in rows], "the same runs, peak anonymous RSS (RssAnon)")
 
 
 if __name__ == "__main__":

@@ -293,3 +293,20 @@ def test_window_gather_clamps_at_the_edges():
 def test_bad_frame_rates(bad):
     with pytest.raises(InputError, match="frame rate"):
         FrameAligner(bad)
+
+
+def test_rms_is_measured_block_by_block():
+    """mono_rms sums float64 squares of the mono mix one block at a time (an hour needs no float64 copy of the
+    track); it equals the whole-track formula to float64 rounding (the summation order differs), for mono,
+    stereo, a track shorter than a block and one that is not a whole number of blocks."""
+    from omnisync_core.audio.track import AudioTrack
+    from omnisync_core.audio.waveform import mono_rms
+
+    generator = torch.Generator().manual_seed(0)
+    for shape, block in (((1, 100_003), 4096), ((2, 50_000), 999), ((7,), 1 << 18), ((2, 3), 1)):
+        samples = torch.rand(shape, generator=generator) * 2 - 1
+        channels = samples if samples.ndim == 2 else samples[None]
+        want = float(channels.double().mean(dim=0).pow(2).mean().sqrt())
+        assert mono_rms(samples, block=block) == pytest.approx(want, rel=1e-12)
+    track = AudioTrack.from_samples(torch.full((2, 10), 0.5), 16000)
+    assert track.rms == pytest.approx(0.5, rel=1e-12) and mono_rms(torch.zeros(1, 0)) == 0.0

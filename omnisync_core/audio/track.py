@@ -25,7 +25,7 @@ from ..errors import AudioError
 from .align import FpsLike, FrameAligner
 from .mel import SAMPLE_RATE
 from .resample import _polyphase_filters, resample
-from .waveform import PathLike, _check_rate, _frame_samples, channels_from_array
+from .waveform import PathLike, _check_rate, _frame_samples, channels_from_array, mono_rms
 
 SILENCE_DB = -60.0
 
@@ -134,8 +134,7 @@ class AudioTrack:
         channels, rate = channels_from_array(samples, sample_rate)
         if channels.shape[0] > 2:
             channels = channels.mean(dim=0, keepdim=True)
-        rms = float(channels.double().mean(dim=0).pow(2).mean().sqrt())
-        return AudioTrack(rate, channels.shape[0], channels.shape[1], rms, samples=channels)
+        return AudioTrack(rate, channels.shape[0], channels.shape[1], mono_rms(channels), samples=channels)
 
     @staticmethod
     def from_file(path: PathLike) -> "AudioTrack":

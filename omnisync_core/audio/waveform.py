@@ -5,6 +5,7 @@ Every failure raises :class:`AudioError` with one sentence naming the problem.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -177,7 +178,17 @@ def _frame_samples(frame) -> Tensor:
     return to_float_pcm(array.reshape(channels, -1))
 
 
+def mono_rms(samples: Tensor, block: int = 1 << 18) -> float:
+    """RMS of the mono mix of ``[N]`` or ``[C, N]`` samples, summed in float64 one block at a time: an hour of
+    audio needs no float64 copy of itself (8 bytes a sample) just to be measured."""
+    channels = samples.unsqueeze(0) if samples.ndim == 1 else samples
+    count = channels.shape[-1]
+    if count == 0:
+        return 0.0
+    squares = sum(float(channels[:, a:a + block].double().mean(dim=0).pow(2).sum()) for a in range(0, count, block))
+    return math.sqrt(squares / count)
+
+
 def is_silent(waveform: Waveform, threshold_db: float = -60.0) -> bool:
     """True when the whole track's RMS is below ``threshold_db`` dBFS (a closed-mouth result is expected)."""
-    rms = waveform.samples.double().pow(2).mean().sqrt().item()
-    return rms <= 10.0 ** (threshold_db / 20.0)
+    return mono_rms(waveform.samples) <= 10.0 ** (threshold_db / 20.0)
