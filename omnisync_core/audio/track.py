@@ -25,7 +25,7 @@ from ..errors import AudioError
 from .align import FpsLike, FrameAligner
 from .mel import SAMPLE_RATE
 from .resample import _polyphase_filters, resample
-from .waveform import PathLike, _check_rate, _frame_samples, channels_from_array, mono_rms
+from .waveform import PathLike, _check_rate, _frame_samples, channels_from_array, mono_rms, mono_squares
 
 SILENCE_DB = -60.0
 
@@ -240,7 +240,7 @@ def _probe(path: str) -> tuple[int, int, int, float]:
                 block = _fit_channels(block, channels)
                 if not torch.isfinite(block).all():
                     raise AudioError(f"audio in {path} contains NaN or infinite samples")
-                squares += float(block.double().mean(dim=0).pow(2).sum())
+                squares += mono_squares(block)
                 count += block.shape[1]
     except AudioError:
         raise

@@ -185,8 +185,13 @@ def mono_rms(samples: Tensor, block: int = 1 << 18) -> float:
     count = channels.shape[-1]
     if count == 0:
         return 0.0
-    squares = sum(float(channels[:, a:a + block].double().mean(dim=0).pow(2).sum()) for a in range(0, count, block))
+    squares = sum(mono_squares(channels[:, a:a + block]) for a in range(0, count, block))
     return math.sqrt(squares / count)
+
+
+def mono_squares(block: Tensor) -> float:
+    """Sum of squares of the mono mix of a ``[C, N]`` block, in float64 (the level's running sum)."""
+    return float(block.double().mean(dim=0).pow(2).sum())
 
 
 def is_silent(waveform: Waveform, threshold_db: float = -60.0) -> bool:
