@@ -23,7 +23,7 @@ from omnisync_core.audio.whisper import (
     load_whisper_encoder_state_dict,
     whisper_encoder_from_state_dict,
 )
-from omnisync_core.errors import InputError
+from omnisync_core.errors import AudioError, InputError
 
 torch.set_num_threads(2)
 
@@ -323,3 +323,50 @@ def test_blocked_conv_stem_equals_the_whole_convolutions(frames):
         blocked = enc.embed(mel)
     assert blocked.shape == whole.shape
     torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 255, 256, 700, 1500])
+def test_blocked_layer_equals_the_whole_window(tokens):
+    """A block runs queries, attention, MLP and sums 256 tokens at a time against the whole window's keys and values;
+    that is the whole-window layer (every step but k and v is per token), up to fp32 round-off of other GEMM widths."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    from omnisync_core.audio.whisper import ResidualAttentionBlock
+
+    torch.manual_seed(tokens)
+    block = ResidualAttentionBlock(32, 4).eval()
+    x = torch.randn(2, tokens, 32)
+    with torch.no_grad():
+        h = block.attn_ln(x)
+        q, k, v = (rearrange(p(h), "b t (h d) -> b h t d", h=4) for p in (block.attn.query, block.attn.key,
+                                                                            block.attn.value))
+        y = x + block.attn.out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b t (h d)"))
+        whole = y + block.mlp(block.mlp_ln(y))
+        blocked = block(x)
+    torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("samples", [160, 401, 1601, 80_000, 123_457, 480_000])
+def test_blocked_log_mel_equals_the_whole_stft(samples):
+    """The log-mel is taken 500 frames at a time from the reflect-padded track; it equals one centred torch.stft of
+    the whole clip (Whisper's formula) within fp32 round-off, short clips (constant padding) and batches included."""
+    from omnisync_core.audio.mel import HOP_LENGTH, N_FFT, log_mel_spectrogram, mel_filters
+
+    torch.manual_seed(samples)
+    x = 0.1 * torch.randn(2, samples)
+    spectrum = torch.stft(x, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), center=True,
+                          pad_mode="reflect" if samples > N_FFT // 2 else "constant", return_complex=True)
+    log_spec = (mel_filters(80) @ spectrum[..., :-1].abs() ** 2).clamp_min(1e-10).log10()
+    whole = (torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0) + 4.0) / 4.0
+    blocked = log_mel_spectrogram(x)
+    assert blocked.shape == whole.shape == (2, 80, samples // HOP_LENGTH)
+    torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(log_mel_spectrogram(x[0]), whole[0], atol=1e-5, rtol=1e-5)
+
+
+def test_log_mel_of_less_than_one_frame_is_one_clear_error():
+    from omnisync_core.audio.mel import log_mel_spectrogram
+
+    with pytest.raises(AudioError, match="shorter than one 160-sample frame"):
+        log_mel_spectrogram(torch.zeros(159))

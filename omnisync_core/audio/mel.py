@@ -59,11 +59,30 @@ def log_mel_spectrogram(samples: Tensor, n_mels: int = 80, pad_to_frames: int | 
     if pad_to_frames is not None:
         target = pad_to_frames * HOP_LENGTH
         x = torch.nn.functional.pad(x, (0, max(0, target - x.shape[-1])))[..., :target]
-    window = torch.hann_window(N_FFT, periodic=True, device=x.device)
-    pad_mode = "reflect" if x.shape[-1] > N_FFT // 2 else "constant"
-    spectrum = torch.stft(x, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode=pad_mode, return_complex=True)
-    power = spectrum[..., :-1].abs() ** 2
-    mel = mel_filters(n_mels).to(x.device) @ power
-    log_spec = mel.clamp_min(1e-10).log10()
+    if x.shape[-1] < HOP_LENGTH:
+        raise AudioError(f"cannot compute features of audio shorter than one {HOP_LENGTH}-sample frame")
+    log_spec = _log_mel_power(x, n_mels)
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)
     return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+
+MEL_BLOCK_FRAMES = 500
+
+
+def _log_mel_power(x: Tensor, n_mels: int, block: int = MEL_BLOCK_FRAMES) -> Tensor:
+    """``log10(max(mel @ |stft|^2, 1e-10))`` of frames ``0 .. N // 160 - 1`` (centred frames, reflect-padded as
+    Whisper's ``torch.stft``), ``block`` frames at a time: a frame reads its own 400 samples only, so a 30 s window's
+    frames, spectrum and power (400 x 3000 floats each, some complex) are never held whole."""
+    frames = x.shape[-1] // HOP_LENGTH
+    pad_mode = "reflect" if x.shape[-1] > N_FFT // 2 else "constant"
+    flat = x.reshape(-1, 1, x.shape[-1])
+    padded = torch.nn.functional.pad(flat, (N_FFT // 2, N_FFT // 2), mode=pad_mode)[:, 0]
+    window = torch.hann_window(N_FFT, periodic=True, device=x.device)
+    filters = mel_filters(n_mels).to(x.device)
+    out = []
+    for f0 in range(0, frames, block):
+        f1 = min(f0 + block, frames)
+        segment = padded[:, f0 * HOP_LENGTH: (f1 - 1) * HOP_LENGTH + N_FFT]
+        spectrum = torch.stft(segment, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+        out.append((filters @ spectrum.abs() ** 2).clamp_min(1e-10).log10())
+    return torch.cat(out, dim=-1).reshape(*x.shape[:-1], n_mels, frames)

@@ -98,11 +98,18 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (rearrange(p(x), "b t (h d) -> b h t d", h=self.n_heads) for p in (self.query, self.key, self.value))
+        return self.attend(x, *self.keys_values(x))
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(rearrange(p(x), "b t (h d) -> b h t d", h=self.n_heads) for p in (self.key, self.value))
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention output of the queries of ``x`` (any run of tokens) over keys and values of the whole window."""
+        q = rearrange(self.query(x), "b t (h d) -> b h t d", h=self.n_heads)
         return self.out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b t (h d)"))
 
 
-MLP_BLOCK_TOKENS = 256
+BLOCK_TOKENS = 256
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -116,10 +123,14 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp_ln = LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_ln(x))
-        # the MLP is per token: run it on blocks of tokens so that its 4x-wide activations of a whole 30 s window
-        # (1500 x 4 d_model floats, twice) are never alive at once; peak memory of an encode drops by tens of MB
-        return torch.cat([part + self.mlp(self.mlp_ln(part)) for part in x.split(MLP_BLOCK_TOKENS, dim=1)], dim=1)
+        # everything but the keys and values is per token, so it runs on blocks of tokens: a 30 s window's queries,
+        # attention output, MLP activations (4 d_model wide) and sums are never alive whole, only x, k and v are
+        k, v = self.attn.keys_values(self.attn_ln(x))
+        return torch.cat([self._tokens(part, k, v) for part in x.split(BLOCK_TOKENS, dim=1)], dim=1)
+
+    def _tokens(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.attend(self.attn_ln(x), k, v)
+        return x + self.mlp(self.mlp_ln(x))
 
 
 class WhisperEncoder(nn.Module):
