@@ -105,10 +105,12 @@ def run_cli(folder: Path, seconds: float, steps: int, model: str | None, threads
 
 
 NODE_CHILD = r"""
-import json, os, resource, sys, threading, time
-def anon_mib():
+import json, os, sys, threading, time
+def status_mib(field):                  # VmHWM, not ru_maxrss: that one keeps the forking parent's resident size
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
+        return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
+def anon_mib():
+    return status_mib("RssAnon:")
 anon_peak = [0.0]
 def sample_anon():
     while True:
@@ -133,7 +135,7 @@ cf.run("OmniSyncLipSyncVideo", model=model, video=InputImpl.VideoFromFile(clip),
        guidance="ds-cfg", tau=0.0, length_policy="pingpong", detector="auto", face_index=-1, box="", crop_size=0,
        crop_margin=0.3, window=0, overlap=-1, color_match=False)
 anon_peak[0] = max(anon_peak[0], anon_mib())
-print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "anon_mib": anon_peak[0],
+print(json.dumps({"rss_mib": status_mib("VmHWM:"), "anon_mib": anon_peak[0],
                   "audio_mib": wave.numel() * 4 / 2**20}))
 """
 

@@ -103,12 +103,11 @@ def _check_output(out: str, inputs: Sequence[str]) -> None:
 
 
 def _peak_memory() -> str:
-    import resource
-
     import torch
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    text = f"peak RAM {rss:.0f} MiB"
+    from .memory import peak_rss_mib
+
+    text = f"peak RAM {peak_rss_mib():.0f} MiB"
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         text += f", peak VRAM {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
     return text

@@ -25,7 +25,7 @@ from .audio.track import AudioTrack
 from .audio.waveform import channels_from_array
 from .errors import InputError
 from .face.crop import crop_faces, paste_back
-from .job import AudioFeatures, run_job, window_input
+from .job import AudioFeatures, run_job, window_audio, window_input
 from .plan import (FaceAnalyzer, LipSyncOptions, LipSyncPlan, ProgressFn, check_audio, plan_lipsync,
                    with_window_rule)
 from .sources import TensorFrames, TensorSink, check_frames
@@ -183,7 +183,7 @@ class LatentWindows:
 
     def window_input(self, item: WindowLatent, features: Optional[AudioFeatures] = None):
         w = item.window
-        return window_input(self.plan, w, self.crops[w.start:w.stop], features, self.seed)
+        return window_input(self.plan, w, self.crops[w.start:w.stop], window_audio(features, w), self.seed)
 
 
 @torch.no_grad()

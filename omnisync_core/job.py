@@ -92,17 +92,20 @@ class PassThroughGenerator:
         return window.crops
 
 
-def window_input(plan: LipSyncPlan, window: Window, crops: Tensor, features: Optional[AudioFeatures],
-                 seed: int) -> WindowInput:
-    """What the generator gets for ``window``: its crops, audio, face geometry in crop pixels and its seed
-    (``seed + window start``)."""
+def window_audio(features: Optional[AudioFeatures], window: Window):
+    """The generator's audio conditioning of ``window`` (None when it takes no audio)."""
+    return features.window(torch.arange(window.start, window.stop)) if features is not None else None
+
+
+def window_input(plan: LipSyncPlan, window: Window, crops: Tensor, audio, seed: int) -> WindowInput:
+    """What the generator gets for ``window``: its crops, its audio (:func:`window_audio`), face geometry in crop
+    pixels and its seed (``seed + window start``)."""
     span = slice(window.start, window.stop)
     frames = torch.arange(window.start, window.stop)
     mouth, width = mouth_in_crop(plan.out_track[span], plan.params[span])
     points = plan.out_track.points
     if points is not None:
         points = _apply(plan.params.crop_from_frame[span].double(), points[span].double()).float()
-    audio = features.window(frames) if features is not None else None
     return WindowInput(crops, frames, plan.fps, audio, mouth, width, points, int(seed) + window.start,
                        plan.editable[span])
 
@@ -145,19 +148,27 @@ def run_job(plan: LipSyncPlan, generator: WindowGenerator, source, sink, options
         features = generator.audio_features(plan.audio, plan.fps)
     fader = CrossFader(plan.windows)
     for number, window in enumerate(plan.windows):
-        frames = source.read(plan.index[window.start:window.stop])
-        crops = crop_faces(frames, plan.params[window.start:window.stop])
-        edited = edit_window(generator, window_input(plan, window, crops, features, options.seed))
-        first, finished = fader.add(edited)
-        if finished.shape[0]:
-            local = slice(first - window.start, first - window.start + finished.shape[0])
-            span = slice(first, first + finished.shape[0])
-            sink.write(paste_back(frames[local], finished, plan.params[span], plan.editable[span],
-                                  feather=options.feather, color_match=options.color_match, inplace=True,
-                                  keep_detail=options.keep_detail, source_crops=crops[local]))
+        _run_window(plan, window, generator, source, sink, fader, features, options)
         if progress is not None:
             progress("lipsync", number + 1, len(plan.windows))
     return len(plan.windows)
+
+
+def _run_window(plan: LipSyncPlan, window: Window, generator: WindowGenerator, source, sink, fader: CrossFader,
+                features: Optional[AudioFeatures], options: LipSyncOptions) -> None:
+    # the audio first: a window that starts a new 30 s audio chunk encodes it before this window's frames and crops
+    # are held; and the frames die on return, not when the next window's frames are already being read
+    audio = window_audio(features, window)
+    frames = source.read(plan.index[window.start:window.stop])
+    crops = crop_faces(frames, plan.params[window.start:window.stop])
+    edited = edit_window(generator, window_input(plan, window, crops, audio, options.seed))
+    first, finished = fader.add(edited)
+    if finished.shape[0]:
+        local = slice(first - window.start, first - window.start + finished.shape[0])
+        span = slice(first, first + finished.shape[0])
+        sink.write(paste_back(frames[local], finished, plan.params[span], plan.editable[span],
+                              feather=options.feather, color_match=options.color_match, inplace=True,
+                              keep_detail=options.keep_detail, source_crops=crops[local]))
 
 
 def timed(stages: dict, name: str):
@@ -174,4 +185,4 @@ def timed(stages: dict, name: str):
 
 
 __all__ = ["AudioFeatures", "JobReport", "PassThroughGenerator", "WindowGenerator", "WindowInput", "edit_window",
-           "run_job", "timed", "window_input"]
+           "run_job", "timed", "window_audio", "window_input"]

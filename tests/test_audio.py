@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -310,3 +311,62 @@ def test_rms_is_measured_block_by_block():
         assert mono_rms(samples, block=block) == pytest.approx(want, rel=1e-12)
     track = AudioTrack.from_samples(torch.full((2, 10), 0.5), 16000)
     assert track.rms == pytest.approx(0.5, rel=1e-12) and mono_rms(torch.zeros(1, 0)) == 0.0
+
+
+@pytest.mark.parametrize("rate, channels", [(22050, 1), (44100, 2), (16000, 2)])
+def test_speech_ranges_equal_the_whole_tracks_resampling(tmp_path, rate, channels):
+    """SpeechReader decodes a long range once and resamples it READ_BLOCK at a time (a 30 s window's resampling
+    buffers are never held); any range, one far longer than a block included, equals the same samples of
+    resampling the whole mono mix (each block reads whole filter periods with the filter's margin: the same taps
+    on the same values, fp32 round-off only), with zeros past the end."""
+    from omnisync_core.audio.track import READ_BLOCK as block
+    from omnisync_core.audio.track import AudioTrack
+
+    seconds = 11.3
+    t = np.arange(int(seconds * rate)) / rate
+    mono = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 2.5 * t))
+    data = np.stack([mono, 0.5 * mono], axis=1) if channels == 2 else mono
+    track = AudioTrack.from_file(write_wav(tmp_path / "speech.wav", data, rate))
+    whole = resample(torch.from_numpy(read_wav(tmp_path / "speech.wav")[0]), rate, 16000)
+    for start, stop in ((0, 3 * block + 17), (4321, 4321 + block), (99_000, 99_000 + 2 * block + 5),
+                        (whole.shape[0] - 1000, whole.shape[0] + 500)):
+        reader = track.speech()
+        got = reader.read(start, stop)
+        reader.close()
+        want = torch.cat([whole[start:stop], torch.zeros(max(0, stop - whole.shape[0]))])
+        assert got.shape == (stop - start,)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+
+def test_a_read_far_into_a_file_holds_only_its_range(tmp_path):
+    """A read far ahead of the cursor, or behind it (a re-decode from the start), drops the decoded audio before
+    the range block by block instead of gathering it: reading 1 s at the end of 5 min of 48 kHz stereo (110 MiB
+    as float32) must not raise the peak memory by more than a few MiB. Run in a fresh process, whose peak RSS
+    (VmHWM) is the measure."""
+    import subprocess
+    import sys
+
+    rate, seconds = 48000, 300
+    t = np.arange(seconds * rate) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t)
+    path = write_wav(tmp_path / "long.wav", np.stack([tone, 0.5 * tone], axis=1), rate)
+    del t, tone
+    child = f"""
+import sys, torch
+from omnisync_core.audio.track import AudioTrack
+from omnisync_core.memory import peak_rss_mib
+track = AudioTrack.from_file({str(path)!r})
+cursor = track.cursor()
+cursor.read(0, 1000)
+before = peak_rss_mib()
+end = cursor.read({(seconds - 1) * rate}, {seconds * rate})        # far ahead of the cursor
+back = cursor.read({(seconds - 2) * rate}, {(seconds - 1) * rate})  # behind it: a re-decode from the start
+after = peak_rss_mib()
+print(after - before, cursor._buffer.shape[1], float(end.abs().max()), float(back.abs().max()))
+"""
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True,
+                            cwd=str(Path(__file__).resolve().parents[1]))
+    growth_mib, held, end_peak, back_peak = (float(v) for v in result.stdout.split())
+    assert end_peak == pytest.approx(0.3, abs=0.01) and back_peak == pytest.approx(0.3, abs=0.01)
+    assert held <= 2 * rate, f"the cursor holds {held / rate:.1f} s of audio after a 1 s read"
+    assert growth_mib < 20, f"reading 1 s at the end of {seconds} s raised the peak by {growth_mib:.0f} MiB"

@@ -12,13 +12,14 @@ from pathlib import Path
 from benchmarks_memory import write_clip, write_speech
 
 CHILD = """
-import resource, sys, torch
+import sys, torch
 torch.set_num_threads(1)
+from omnisync_core.memory import peak_rss_mib
 from omnisync_core.face.analyze import FaceAnalyzer
 from omnisync_core.pipeline import LipSyncOptions, LipSyncPipeline, PassThroughGenerator
 options = LipSyncOptions(window=9, overlap=2, crop_size=128)
 LipSyncPipeline(PassThroughGenerator(), face_analyzer=FaceAnalyzer(), options=options).run(*sys.argv[1:4])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(peak_rss_mib())
 """
 
 
@@ -27,7 +28,7 @@ def peak_rss_mib(tmp_path: Path, seconds: float) -> float:
     speech = write_speech(tmp_path / f"speech{seconds}.wav", seconds)
     result = subprocess.run([sys.executable, "-c", CHILD, str(clip), str(speech), str(tmp_path / f"out{seconds}.mp4")],
                             capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
+    return float(result.stdout.strip().splitlines()[-1])
 
 
 def test_peak_memory_does_not_grow_with_length(tmp_path):

@@ -88,16 +88,21 @@ class _FileCursor:
         if self._blocks is None or start < self._buffer_start:
             self._restart()
         want = min(stop, self.num_samples)
-        pieces, have = [self._buffer], self._buffer_start + self._buffer.shape[1]
+        pieces, begin = [self._buffer], self._buffer_start
+        have = begin + self._buffer.shape[1]
         while have < want:
             block = next(self._blocks, None)
             if block is None:
                 break
-            pieces.append(_fit_channels(block, self.channels))
+            block = _fit_channels(block, self.channels)
+            if have + block.shape[1] <= start:   # wholly before the range (a re-decode seeking forward): not held
+                pieces, begin = [], have + block.shape[1]
+            else:
+                pieces.append(block)
             have += block.shape[1]
-        buffer = torch.cat(pieces, dim=1) if len(pieces) > 1 else self._buffer
-        keep = max(0, min(start, have) - self._buffer_start)
-        self._buffer, self._buffer_start = buffer[:, keep:].contiguous(), self._buffer_start + keep
+        buffer = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0] if pieces else self._buffer[:, :0]
+        keep = max(0, min(start, have) - begin)
+        self._buffer, self._buffer_start = buffer[:, keep:].contiguous(), begin + keep
         return _padded_slice(self._buffer, start - self._buffer_start, stop - self._buffer_start)
 
     def close(self) -> None:
@@ -276,6 +281,19 @@ class ClippedAudio:
             self.close()
 
 
+READ_BLOCK = 4 * SAMPLE_RATE
+
+
+class _OffsetCursor:
+    """Samples ``[C, n]`` already decoded, read in the track's sample numbers (they start at ``offset``)."""
+
+    def __init__(self, samples: Tensor, offset: int):
+        self.samples, self.offset = samples, offset
+
+    def read(self, start: int, stop: int) -> Tensor:
+        return _padded_slice(self.samples, start - self.offset, stop - self.offset)
+
+
 class SpeechReader:
     """Mono 16 kHz speech of a track by range, resampled block by block (see the module docstring)."""
 
@@ -293,17 +311,31 @@ class SpeechReader:
             self.margin = 0
 
     def read(self, start: int, stop: int) -> Tensor:
-        """Speech samples ``[stop - start]`` (zeros outside the track)."""
+        """Speech samples ``[stop - start]`` (zeros outside the track). A long range is decoded once and resampled
+        ``READ_BLOCK`` at a time: a 30 s window's resampling buffers (several times its 1.9 MB) are never held."""
+        if stop - start <= READ_BLOCK or self.up == self.down:
+            return self._resampled(self._cursor, start, stop)
+        lo, hi = self._input_range(start, stop)
+        decoded = _OffsetCursor(self._cursor.read(lo, hi), lo)
+        out = torch.empty(stop - start)
+        for a in range(start, stop, READ_BLOCK):
+            b = min(a + READ_BLOCK, stop)
+            out[a - start: b - start] = self._resampled(decoded, a, b)
+        return out
+
+    def _input_range(self, start: int, stop: int) -> tuple[int, int]:
+        """The input samples that output ``[start, stop)`` reads: whole filter periods plus the filter's reach."""
+        first, last = start - start % self.up, -(-stop // self.up) * self.up
+        return first // self.up * self.down - self.margin, last // self.up * self.down + self.margin
+
+    def _resampled(self, cursor, start: int, stop: int) -> Tensor:
         if stop <= start:
             return torch.zeros(0)
         if self.up == self.down:
-            return self._cursor.read(start, stop).mean(dim=0)
-        first, last = start - start % self.up, -(-stop // self.up) * self.up   # whole filter periods
-        i0, i1 = first // self.up * self.down, last // self.up * self.down
-        x = self._cursor.read(i0 - self.margin, i1 + self.margin).mean(dim=0)
+            return cursor.read(start, stop).mean(dim=0)
+        x = cursor.read(*self._input_range(start, stop)).mean(dim=0)
         y = resample(x, self.track.sample_rate, SAMPLE_RATE)
-        lead = self.margin * self.up // self.down
-        out = y[lead + start - first: lead + stop - first]
+        out = y[self.margin * self.up // self.down + start % self.up:][:stop - start]
         valid = max(0, min(stop, self.num_samples) - start)
         if valid < out.shape[0]:
             out = out.clone()
