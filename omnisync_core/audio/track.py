@@ -31,11 +31,13 @@ SILENCE_DB = -60.0
 
 
 class _MemoryCursor:
-    def __init__(self, samples: Tensor):
-        self.samples = samples
+    """Samples ``[C, n]`` in memory, read in the track's sample numbers (the first is sample ``offset``)."""
+
+    def __init__(self, samples: Tensor, offset: int = 0):
+        self.samples, self.offset = samples, offset
 
     def read(self, start: int, stop: int) -> Tensor:
-        return _padded_slice(self.samples, start, stop)
+        return _padded_slice(self.samples, start - self.offset, stop - self.offset)
 
     def close(self) -> None:
         pass
@@ -284,16 +286,6 @@ class ClippedAudio:
 READ_BLOCK = 4 * SAMPLE_RATE
 
 
-class _OffsetCursor:
-    """Samples ``[C, n]`` already decoded, read in the track's sample numbers (they start at ``offset``)."""
-
-    def __init__(self, samples: Tensor, offset: int):
-        self.samples, self.offset = samples, offset
-
-    def read(self, start: int, stop: int) -> Tensor:
-        return _padded_slice(self.samples, start - self.offset, stop - self.offset)
-
-
 class SpeechReader:
     """Mono 16 kHz speech of a track by range, resampled block by block (see the module docstring)."""
 
@@ -316,7 +308,7 @@ class SpeechReader:
         if stop - start <= READ_BLOCK or self.up == self.down:
             return self._resampled(self._cursor, start, stop)
         lo, hi = self._input_range(start, stop)
-        decoded = _OffsetCursor(self._cursor.read(lo, hi), lo)
+        decoded = _MemoryCursor(self._cursor.read(lo, hi), lo)
         out = torch.empty(stop - start)
         for a in range(start, stop, READ_BLOCK):
             b = min(a + READ_BLOCK, stop)
