@@ -344,7 +344,26 @@ def test_blocked_layer_equals_the_whole_window(tokens):
         y = x + block.attn.out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b t (h d)"))
         whole = y + block.mlp(block.mlp_ln(y))
         blocked = block(x)
+        into = x.clone()
+        overwritten = block(into, out=into)
     torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=1e-5)
+    # the same kernels on the same rows: writing over the input changes nothing (a block reads only its own rows)
+    assert overwritten is into and torch.equal(overwritten, blocked)
+
+
+def test_encoder_overwrites_its_activations_only_without_a_graph():
+    """Without a graph the blocks write over the stream in place; with one (training, gradient checks) they do not,
+    so backward works and gives the same forward values (SDPA may pick another kernel under grad: fp32 tolerance)."""
+    torch.manual_seed(0)
+    enc = WhisperEncoder(WhisperEncoderConfig(n_mels=8, n_ctx=40, d_model=32, n_heads=4, n_layers=2))
+    mel = torch.randn(1, 8, 80)
+    with torch.no_grad():
+        frozen = enc(mel)
+    mel.requires_grad_(True)
+    traced = enc(mel)
+    traced.square().sum().backward()
+    torch.testing.assert_close(traced.detach(), frozen, atol=1e-5, rtol=1e-5)
+    assert mel.grad is not None and torch.isfinite(mel.grad).all() and mel.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("samples", [160, 401, 1601, 80_000, 123_457, 480_000])

@@ -101,7 +101,7 @@ class ChunkedEncoding:
         samples = self.speech.read(begin, min(begin + CHUNK_SAMPLES, self.speech.num_samples))
         mel = log_mel_spectrogram(samples, n_mels=self._n_mels, pad_to_frames=CHUNK_FRAMES)
         kept = self._encode(mel[None])[0, chunk.keep_from - chunk.start: chunk.keep_to - chunk.start]
-        kept = kept.to("cpu", torch.float32, copy=True)
+        kept = kept.to("cpu", torch.float32)   # a view of the encoder's fresh output when it is that already
         self._cache[i] = kept
         while len(self._cache) > self._cache_chunks:
             self._cache.popitem(last=False)

@@ -122,11 +122,17 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.mlp_ln = LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output, written into ``out`` (a new tensor by default). ``out`` may be ``x`` itself when no
+        graph is recorded: a token block's output depends on its own rows of ``x`` and the keys and values only."""
         # everything but the keys and values is per token, so it runs on blocks of tokens: a 30 s window's queries,
-        # attention output, MLP activations (4 d_model wide) and sums are never alive whole, only x, k and v are
+        # attention output, MLP activations (4 d_model wide) and sums are never alive whole, only x, k, v and out are
         k, v = self.attn.keys_values(self.attn_ln(x))
-        return torch.cat([self._tokens(part, k, v) for part in x.split(BLOCK_TOKENS, dim=1)], dim=1)
+        out = torch.empty_like(x) if out is None else out
+        for a in range(0, x.shape[1], BLOCK_TOKENS):
+            rows = slice(a, a + BLOCK_TOKENS)
+            out[:, rows] = self._tokens(x[:, rows], k, v)
+        return out
 
     def _tokens(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         x = x + self.attn.attend(self.attn_ln(x), k, v)
@@ -158,7 +164,7 @@ class WhisperEncoder(nn.Module):
         outside the clip as the convolutions' padding) give the same tokens while the 30 s window's conv1 output
         (``d_model x 3000`` floats, with its GELU and im2col copies) is never held whole."""
         frames, tokens = mel.shape[-1], -(-mel.shape[-1] // 2)
-        out = []
+        out = None   # [B, tokens, d_model], filled block by block; returned as a [B, d_model, tokens] view
         for j0 in range(0, tokens, block):
             j1 = min(j0 + block, tokens)
             a, b = 2 * j0 - 1, min(2 * j1, frames)               # conv1 outputs the block needs (a may be -1)
@@ -168,8 +174,11 @@ class WhisperEncoder(nn.Module):
             if a < 0:
                 h[..., 0] = 0                                      # conv2's zero padding, not gelu(conv1(0))
             h = F.pad(h, (0, 2 * j1 - b))                          # conv2's padding past the end
-            out.append(F.gelu(F.conv1d(h, self.conv2.weight, self.conv2.bias, stride=2)))
-        return torch.cat(out, dim=-1)
+            h = F.gelu(F.conv1d(h, self.conv2.weight, self.conv2.bias, stride=2))
+            if out is None:
+                out = h.new_empty(h.shape[0], tokens, h.shape[1])
+            out[:, j0:j1] = h.transpose(1, 2)
+        return out.transpose(1, 2)
 
     def forward(
         self, mel: torch.Tensor, output_hidden_states: bool = False,
@@ -193,12 +202,13 @@ class WhisperEncoder(nn.Module):
             raise InputError(f"Whisper takes 1 to {2 * cfg.n_ctx} mel frames per chunk, got {mel.shape[-1]}.")
         groups = _check_groups(layer_groups, cfg.n_layers)
         x = self.embed(mel.to(self.conv1.weight.dtype)).transpose(1, 2)
-        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        x = x.add_(self.positional_embedding[: x.shape[1]].to(x.dtype))
         sums: list[torch.Tensor | None] = [None] * len(groups)
         _accumulate(sums, groups, 0, x)
         hidden = []
+        in_place = not (output_hidden_states or torch.is_grad_enabled())   # nothing else holds x: overwrite it
         for index, block in enumerate(self.blocks, start=1):
-            x = block(x)
+            x = block(x, out=x if in_place else None)
             if output_hidden_states:
                 hidden.append(x)
             if index < cfg.n_layers:   # HF's entry n_layers is the normalised output, not the raw last block
