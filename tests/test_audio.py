@@ -338,6 +338,33 @@ def test_speech_ranges_equal_the_whole_tracks_resampling(tmp_path, rate, channel
         torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+def test_file_cursor_reads_equal_the_decoded_track(tmp_path, channels):
+    """The file cursor's reads as a window walk makes them (overlapping, forward, inside what it holds, past the
+    end, and one behind it that re-decodes) are the decoded samples themselves: slices of the same decode, so
+    bit-equal, with zeros outside the track."""
+    from omnisync_core.audio.track import AudioTrack
+
+    rate = 22050
+    t = np.arange(int(7.7 * rate)) / rate
+    mono = 0.3 * np.sin(2 * np.pi * 220 * t)
+    track = AudioTrack.from_file(write_wav(tmp_path / "a.wav", np.stack([mono, -mono], 1) if channels == 2
+                                           else mono, rate))
+    whole = track.cursor().read(0, track.num_samples).clone()
+    assert whole.shape == (channels, track.num_samples)
+    n = track.num_samples
+    cursor = track.cursor()
+    for start, stop in ((-300, 5000), (4000, 40_000), (4100, 4200), (39_000, 90_000), (60_000, 61_000),
+                        (n - 500, n + 700), (10, 20), (n + 5, n + 9)):
+        got = cursor.read(start, stop)
+        want = torch.zeros(channels, stop - start)
+        a, b = max(start, 0), min(stop, n)
+        if b > a:
+            want[:, a - start:b - start] = whole[:, a:b]
+        assert torch.equal(got, want), (start, stop)
+    cursor.close()
+
+
 def test_a_read_far_into_a_file_holds_only_its_range(tmp_path):
     """A read far ahead of the cursor, or behind it (a re-decode from the start), drops the decoded audio before
     the range block by block instead of gathering it: reading 1 s at the end of 5 min of 48 kHz stereo (110 MiB

@@ -96,21 +96,35 @@ class _FileCursor:
             block = next(self._blocks, None)
             if block is None:
                 break
-            block = _fit_channels(block, self.channels)
-            if have + block.shape[1] <= start:   # wholly before the range (a re-decode seeking forward): not held
-                pieces, begin = [], have + block.shape[1]
-            else:
-                pieces.append(block)
+            pieces.append(_fit_channels(block, self.channels))
             have += block.shape[1]
-        buffer = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0] if pieces else self._buffer[:, :0]
-        keep = max(0, min(start, have) - begin)
-        self._buffer, self._buffer_start = buffer[:, keep:].contiguous(), begin + keep
-        return _padded_slice(self._buffer, start - self._buffer_start, stop - self._buffer_start)
+            begin = _drop_before(pieces, begin, start)   # a re-decode seeking forward holds only the range
+        begin = _drop_before(pieces, begin, start)
+        head = max(0, min(start, have) - begin)
+        if head:
+            pieces[0], begin = pieces[0][:, head:], begin + head
+        # one copy of the range, made only when blocks were added; a read inside the buffer is a view of it
+        self._buffer = (torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0] if pieces
+                        else torch.zeros(self.channels, 0))
+        self._buffer_start = begin
+        return _padded_slice(self._buffer, start - begin, stop - begin)
 
     def close(self) -> None:
         if self._blocks is not None:
             self._blocks.close()
         self._blocks = None
+
+
+def _drop_before(pieces: list[Tensor], begin: int, start: int) -> int:
+    """Drop the leading pieces that end before sample ``start``; the new first sample number of ``pieces``."""
+    while pieces and begin + pieces[0].shape[1] <= start:
+        begin += pieces.pop(0).shape[1]
+    return begin
+
+
+def _mono(samples: Tensor) -> Tensor:
+    """``[C, n]`` -> ``[n]``: the channel mean (a view of mono, not a copy)."""
+    return samples[0] if samples.shape[0] == 1 else samples.mean(dim=0)
 
 
 def _fit_channels(block: Tensor, channels: int) -> Tensor:
@@ -324,8 +338,8 @@ class SpeechReader:
         if stop <= start:
             return torch.zeros(0)
         if self.up == self.down:
-            return cursor.read(start, stop).mean(dim=0)
-        x = cursor.read(*self._input_range(start, stop)).mean(dim=0)
+            return _mono(cursor.read(start, stop))
+        x = _mono(cursor.read(*self._input_range(start, stop)))
         y = resample(x, self.track.sample_rate, SAMPLE_RATE)
         out = y[self.margin * self.up // self.down + start % self.up:][:stop - start]
         valid = max(0, min(stop, self.num_samples) - start)
