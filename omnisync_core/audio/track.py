@@ -25,7 +25,8 @@ from ..errors import AudioError
 from .align import FpsLike, FrameAligner
 from .mel import SAMPLE_RATE
 from .resample import _polyphase_filters, resample
-from .waveform import PathLike, _check_rate, _frame_samples, channels_from_array, mono_rms, mono_squares
+from .waveform import (PathLike, _check_rate, _frame_samples, channels_from_array, mono_rms, mono_squares,
+                       to_mono)
 
 SILENCE_DB = -60.0
 
@@ -120,11 +121,6 @@ def _drop_before(pieces: list[Tensor], begin: int, start: int) -> int:
     while pieces and begin + pieces[0].shape[1] <= start:
         begin += pieces.pop(0).shape[1]
     return begin
-
-
-def _mono(samples: Tensor) -> Tensor:
-    """``[C, n]`` -> ``[n]``: the channel mean (a view of mono, not a copy)."""
-    return samples[0] if samples.shape[0] == 1 else samples.mean(dim=0)
 
 
 def _fit_channels(block: Tensor, channels: int) -> Tensor:
@@ -338,8 +334,8 @@ class SpeechReader:
         if stop <= start:
             return torch.zeros(0)
         if self.up == self.down:
-            return _mono(cursor.read(start, stop))
-        x = _mono(cursor.read(*self._input_range(start, stop)))
+            return to_mono(cursor.read(start, stop))
+        x = to_mono(cursor.read(*self._input_range(start, stop)))
         y = resample(x, self.track.sample_rate, SAMPLE_RATE)
         out = y[self.margin * self.up // self.down + start % self.up:][:stop - start]
         valid = max(0, min(stop, self.num_samples) - start)

@@ -78,8 +78,11 @@ def to_channels(samples: Tensor, channels_first: bool = True) -> Tensor:
 
 
 def to_mono(samples: Tensor, channels_first: bool = True) -> Tensor:
-    """Down-mix any layout :func:`to_channels` takes to ``[N]``."""
-    return samples if samples.ndim == 1 else to_channels(samples, channels_first).mean(dim=0)
+    """Down-mix any layout :func:`to_channels` takes to ``[N]`` (one channel is returned as a view, not a copy)."""
+    if samples.ndim == 1:
+        return samples
+    channels = to_channels(samples, channels_first)
+    return channels[0] if channels.shape[0] == 1 else channels.mean(dim=0)
 
 
 def check_samples(samples: Tensor, what: str = "audio") -> Tensor:
